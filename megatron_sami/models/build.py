@@ -1,0 +1,174 @@
+"""Build a Megatron-Core ``GPTModel`` for a catalogue model and a parallel layout.
+
+This is the model half of the seam around megatron-core: the only place that knows how a
+:class:`ModelConfig` becomes a ``TransformerConfig``, a layer spec and a ``GPTModel``.
+
+- Transformer Engine layer spec when TE imports and CUDA is present, the local (pure
+  megatron-core) spec otherwise. FP8 needs the TE spec.
+- MoE: grouped GEMM and the alltoall dispatcher on GPU; SequentialMLP and the allgather
+  dispatcher on CPU (alltoall does not work over gloo).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_sami.errors import ConfigError
+from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.runtime.layout import ParallelConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which kernels a model is built with on this machine."""
+
+    use_te: bool
+    on_gpu: bool
+
+    @classmethod
+    def detect(cls) -> Backend:
+        on_gpu = torch.cuda.is_available()
+        has_te = importlib.util.find_spec("transformer_engine") is not None
+        return cls(use_te=on_gpu and has_te, on_gpu=on_gpu)
+
+    @property
+    def moe_dispatcher(self) -> str:
+        return "alltoall" if self.on_gpu else "allgather"
+
+    @property
+    def moe_grouped_gemm(self) -> bool:
+        return self.use_te
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    backend: Backend,
+    recompute_activations: bool = False,
+):
+    """The megatron-core ``TransformerConfig`` for one model under one layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    precision.check_hardware()
+    if precision.fp8 is not None and not backend.use_te:
+        raise ConfigError("precision.fp8 needs the Transformer Engine layer spec (TE + CUDA); set precision.fp8=null.")
+    dtype = _DTYPES[precision.params_dtype]
+    moe = {}
+    if model.is_moe:
+        moe = dict(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.ffn_hidden_size,
+            moe_token_dispatcher_type=backend.moe_dispatcher,
+            moe_grouped_gemm=backend.moe_grouped_gemm,
+            # Fine-tuning from a pretrained router: no auxiliary loss, no token dropping.
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+        )
+    window = None
+    if model.sliding_window is not None and backend.use_te:
+        window = (model.sliding_window, 0)
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if recompute_activations else {}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        bias_activation_fusion=backend.on_gpu,
+        bias_dropout_fusion=backend.on_gpu,
+        masked_softmax_fusion=backend.on_gpu,
+        apply_rope_fusion=backend.use_te,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=backend.use_te,
+        window_size=window,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        expert_model_parallel_size=parallel.expert,
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=not backend.on_gpu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp8=precision.fp8,
+        fp8_recipe=precision.fp8_recipe,
+        **moe,
+        **recompute,
+    )
+
+
+def layer_spec(model: ModelConfig, backend: Backend, fp8: str | None = None):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if backend.use_te:
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=model.num_experts, moe_grouped_gemm=backend.moe_grouped_gemm, fp8=fp8
+        )
+    return specs.get_gpt_layer_local_spec(
+        num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    seq_length: int,
+    recompute_activations: bool = False,
+    backend: Backend | None = None,
+):
+    """Build this rank's part of ``GPTModel`` (its pipeline stage, its TP/EP shards).
+
+    Requires :func:`megatron_sami.runtime.initialize` to have set up the parallel state.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    backend = backend or Backend.detect()
+    if seq_length > model.max_position_embeddings:
+        raise ConfigError(
+            f"sequence length {seq_length} exceeds {model.name}'s max_position_embeddings "
+            f"({model.max_position_embeddings}); shorten the sequences."
+        )
+    if model.sliding_window is not None and not backend.use_te and seq_length > model.sliding_window:
+        raise ConfigError(
+            f"{model.name} uses a {model.sliding_window}-token sliding window, which the local (non-TE) "
+            f"attention cannot apply; keep sequences <= {model.sliding_window} tokens or run with Transformer Engine."
+        )
+    config = transformer_config(model, parallel, precision, backend, recompute_activations)
+    rope = model.rope_scaling
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model, backend, precision.fp8),
+        vocab_size=model.padded_vocab_size(parallel.tensor),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rotary_base),
+        rope_scaling=rope.type == "llama3",
+        rope_scaling_factor=rope.factor if rope.type == "llama3" else 8.0,
+        seq_len_interpolation_factor=rope.factor if rope.type == "linear" else None,
+        parallel_output=True,
+    )
+    return gpt

@@ -1,0 +1,70 @@
+"""Megatron distributed checkpoints of a model, written atomically.
+
+A checkpoint is written by every rank into ``<dir>.incomplete`` and renamed to ``<dir>`` by
+rank 0 only after all ranks finished, so a directory with the final name is always complete.
+It loads at any TP/PP/EP/DP layout (megatron-core reshards on load).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_sami.errors import SamiError
+
+
+class CheckpointError(SamiError):
+    """A checkpoint is missing, incomplete, or does not match the model."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare ``GPTModel`` inside DDP (or other ``.module``) wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
+    """Save the model's weights as a distributed checkpoint at ``directory`` (collective)."""
+    from megatron.core import dist_checkpointing
+
+    final = Path(directory)
+    staging = final.with_name(final.name + ".incomplete")
+    if _is_rank0():
+        if final.exists():
+            raise CheckpointError(f"{final} already exists; remove it or choose another directory.")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(staging))
+    _barrier()
+    if _is_rank0():
+        staging.rename(final)
+    _barrier()
+    return final
+
+
+def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> None:
+    """Fill the model from a distributed checkpoint saved at any layout (collective)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(directory)
+    if not path.is_dir():
+        hint = " (an interrupted save left only the .incomplete directory)" if \
+            path.with_name(path.name + ".incomplete").exists() else ""
+        raise CheckpointError(f"no checkpoint at {path}{hint}; check the path or convert a model first.")
+    bare = unwrap(model)
+    state = dist_checkpointing.load(bare.sharded_state_dict(), str(path))
+    bare.load_state_dict(state, strict=strict)

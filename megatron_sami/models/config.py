@@ -1,0 +1,173 @@
+"""Typed model and precision configs, validated where they are defined.
+
+These dataclasses are Hydra structured configs: the YAML files under ``configs/model/``
+are merged onto :class:`ModelConfig`, so a misspelt key or a wrong type fails on load.
+Value checks run in ``__post_init__``, i.e. whenever OmegaConf turns a config into an
+object (:func:`omegaconf.OmegaConf.to_object`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from megatron_sami.errors import ConfigError
+
+FAMILIES = ("llama", "mistral", "mixtral")
+ROPE_SCALING_TYPES = ("none", "llama3", "linear")
+PARAMS_DTYPES = ("bf16", "fp32")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling, as HF's ``rope_scaling`` describes it.
+
+    ``llama3`` is Llama 3.1's band-wise scaling; Megatron implements it with fixed
+    low/high frequency factors 1 and 4 and 8192 original positions, so other values are
+    refused rather than silently changed. ``linear`` is position interpolation.
+    """
+
+    type: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_SCALING_TYPES:
+            raise ConfigError(
+                f"rope_scaling.type '{self.type}' is not supported; use one of {', '.join(ROPE_SCALING_TYPES)}."
+            )
+        if self.type != "none" and self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be positive, got {self.factor}.")
+        if self.type == "llama3":
+            megatron_fixed = (1.0, 4.0, 8192)
+            given = (self.low_freq_factor, self.high_freq_factor, self.original_max_position_embeddings)
+            if given != megatron_fixed:
+                raise ConfigError(
+                    "Megatron's llama3 rope scaling assumes low_freq_factor=1, high_freq_factor=4 and "
+                    f"original_max_position_embeddings=8192, but this model has {given}; "
+                    "such a model cannot be represented exactly, so it is refused."
+                )
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of one decoder-only model (Llama / Mistral / Mixtral family)."""
+
+    name: str = MISSING
+    family: str = MISSING
+    hf_architecture: str = MISSING
+    # Where the weights come from by default: a hub id or a local directory.
+    hf_source: str | None = None
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING
+    head_dim: int | None = None
+    vocab_size: int = MISSING
+    max_position_embeddings: int = MISSING
+    norm_epsilon: float = 1e-5
+    rotary_base: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    num_experts: int | None = None
+    moe_router_topk: int = 2
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model family '{self.family}' is not supported; use one of {', '.join(FAMILIES)}.")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        if self.num_attention_heads % self.num_query_groups != 0:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({self.num_query_groups})."
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); set model.head_dim explicitly."
+            )
+        if self.is_moe:
+            if self.num_experts < 2:
+                raise ConfigError(f"model.num_experts must be >= 2 for an MoE model, got {self.num_experts}.")
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                raise ConfigError(
+                    f"model.moe_router_topk ({self.moe_router_topk}) must be between 1 and "
+                    f"num_experts ({self.num_experts})."
+                )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"model.sliding_window must be positive or null, got {self.sliding_window}.")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_parallel_size: int) -> int:
+        """Vocabulary size padded as Megatron pads it (multiple of divisor x TP)."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def num_parameters(self) -> int:
+        """Parameter count of the unpadded model (embeddings counted once when tied)."""
+        attention = self.hidden_size * self.kv_channels * (2 * self.num_attention_heads + 2 * self.num_query_groups)
+        mlp_one = 3 * self.hidden_size * self.ffn_hidden_size
+        mlp = mlp_one * (self.num_experts or 1) + (self.hidden_size * self.num_experts if self.is_moe else 0)
+        per_layer = attention + mlp + 2 * self.hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+
+@dataclass
+class PrecisionConfig:
+    """Parameter dtype and optional FP8 (Transformer Engine, Hopper or newer)."""
+
+    params_dtype: str = "bf16"
+    fp8: str | None = None
+    fp8_recipe: str = "delayed"
+
+    def __post_init__(self) -> None:
+        if self.params_dtype not in PARAMS_DTYPES:
+            hint = " (fp16 needs loss scaling, which this project does not do; use bf16)" if self.params_dtype == "fp16" else ""
+            raise ConfigError(
+                f"precision.params_dtype '{self.params_dtype}' is not supported{hint}; use one of {', '.join(PARAMS_DTYPES)}."
+            )
+        if self.fp8 is not None and self.fp8 not in FP8_FORMATS:
+            raise ConfigError(f"precision.fp8 '{self.fp8}' is not a format; use one of {', '.join(FP8_FORMATS)} or null.")
+        if self.fp8_recipe not in FP8_RECIPES:
+            raise ConfigError(f"precision.fp8_recipe '{self.fp8_recipe}' is unknown; use one of {', '.join(FP8_RECIPES)}.")
+
+    def check_hardware(self) -> None:
+        """Refuse FP8 where it cannot run, before any model is built."""
+        if self.fp8 is None:
+            return
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError(
+                "precision.fp8 needs Transformer Engine, which is not installed; install the 'gpu' extra "
+                "on a GPU machine or set precision.fp8=null."
+            )
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("precision.fp8 needs a CUDA GPU (Hopper or newer) and none is visible; set precision.fp8=null.")
+        capability = torch.cuda.get_device_capability()
+        needed = (10, 0) if self.fp8_recipe == "mxfp8" else (8, 9)
+        if capability < needed:
+            raise ConfigError(
+                f"precision.fp8 with recipe '{self.fp8_recipe}' needs compute capability {needed[0]}.{needed[1]}+, "
+                f"this GPU has {capability[0]}.{capability[1]}; set precision.fp8=null."
+            )

@@ -1,0 +1,94 @@
+"""The parallel layout (TP/PP/EP/CP, DP derived) and its validation against world and model.
+
+Pure Python: validating a layout needs neither torch nor a GPU, so a Slurm dry run or a
+config check can refuse a bad layout before any accelerator time is spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_sami.errors import LayoutError
+from megatron_sami.models.config import ModelConfig
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; the data-parallel size is what the world size leaves over."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    expert: int = 1
+    context: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tensor", "pipeline", "expert", "context"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.sequence_parallel and self.tensor == 1:
+            raise LayoutError("parallel.sequence_parallel needs parallel.tensor > 1; set it to false or raise TP.")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP size for this world, or a LayoutError naming the fix."""
+        if world_size % self.model_parallel_size != 0:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by TP x PP x CP = {self.tensor} x {self.pipeline} x "
+                f"{self.context} = {self.model_parallel_size}; use a multiple of {self.model_parallel_size} "
+                "processes or change the layout."
+            )
+        expert_block = self.expert * self.tensor * self.pipeline
+        if world_size % expert_block != 0:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by EP x TP x PP = {expert_block}; "
+                "choose parallel.expert so that it divides the data-parallel x context-parallel size."
+            )
+        return world_size // self.model_parallel_size
+
+    def validate(self, model: ModelConfig, world_size: int, seq_length: int | None = None) -> int:
+        """Check the layout against the model (and sequence length); returns the DP size."""
+        tp, pp, ep = self.tensor, self.pipeline, self.expert
+        if model.num_attention_heads % tp != 0:
+            raise LayoutError(
+                f"parallel.tensor={tp} does not divide {model.name}'s {model.num_attention_heads} attention heads; "
+                f"use a TP size that divides both heads and KV groups, e.g. {_divisors_hint(model)}."
+            )
+        if model.num_query_groups % tp != 0:
+            raise LayoutError(
+                f"parallel.tensor={tp} does not divide {model.name}'s {model.num_query_groups} KV heads "
+                f"(num_query_groups); use one of {_divisors_hint(model)}."
+            )
+        if model.num_layers % pp != 0:
+            raise LayoutError(
+                f"parallel.pipeline={pp} does not divide {model.name}'s {model.num_layers} layers; "
+                f"use a divisor of {model.num_layers}."
+            )
+        if ep > 1 and not model.is_moe:
+            raise LayoutError(f"parallel.expert={ep} needs an MoE model, but {model.name} is dense; set parallel.expert=1.")
+        if model.is_moe and model.num_experts % ep != 0:
+            raise LayoutError(
+                f"parallel.expert={ep} does not divide {model.name}'s {model.num_experts} experts; "
+                f"use a divisor of {model.num_experts}."
+            )
+        if seq_length is not None:
+            if self.sequence_parallel and seq_length % tp != 0:
+                raise LayoutError(
+                    f"sequence length {seq_length} must be divisible by TP={tp} with sequence parallelism; "
+                    "pad the sequences to a multiple of TP."
+                )
+            if self.context > 1 and seq_length % (2 * self.context) != 0:
+                raise LayoutError(
+                    f"sequence length {seq_length} must be divisible by 2 x CP = {2 * self.context}; "
+                    "pad the sequences accordingly."
+                )
+        return self.data_parallel_size(world_size)
+
+
+def _divisors_hint(model: ModelConfig) -> str:
+    common = [d for d in range(1, model.num_query_groups + 1)
+              if model.num_query_groups % d == 0 and model.num_attention_heads % d == 0]
+    return ", ".join(str(d) for d in common)

@@ -1,0 +1,61 @@
+"""Silence a fixed list of harmless library messages so that real warnings stand out.
+
+Each entry is a message megatron-core or torch prints on every run of this project's normal
+paths (local layer spec without apex/TE, torch_dist checkpoints, DDP with the distributed
+optimizer). Nothing else is filtered. Importing this module installs the filters.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_WARNING_MESSAGES = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed\. Falling back to Torch Norm",
+    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+    r"full scope is deprecated",
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\._all_gather_base` is a private function",
+    r"`torch\.distributed\._reduce_scatter_base` is a private function",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    r"MimoModelConfig is experimental",
+    r"The argument order of load has been changed",
+)
+
+_LOG_MESSAGES = (
+    "MCore's async save is deprecated",
+    "DistributedDataParallel: full_param_layout not provided",
+    "No CUDA runtime is found",
+    "GPTModel IS DEPRECATED",
+)
+
+
+class _DropKnownMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in _LOG_MESSAGES)
+
+
+_installed = False
+
+
+def install() -> None:
+    global _installed
+    if _installed:
+        return
+    for pattern in _WARNING_MESSAGES:
+        warnings.filterwarnings("ignore", message=pattern)
+    drop = _DropKnownMessages()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(drop)
+    for name in ("megatron.core.dist_checkpointing.strategies.torch",
+                 "megatron.core.distributed.distributed_data_parallel",
+                 "megatron.core.models.gpt.gpt_model",
+                 "torch.utils.cpp_extension"):
+        logging.getLogger(name).addFilter(drop)
+    _installed = True
+
+
+install()

@@ -1,0 +1,161 @@
+"""The training half of the seam around megatron-core: DDP, optimizer, one training step.
+
+Everything here runs the same megatron-core code on GPU (NCCL) and CPU (gloo):
+``DistributedDataParallel`` with optional distributed optimizer, ``get_megatron_optimizer``,
+and ``get_forward_backward_func`` for any pipeline size. The loss is supplied by the caller
+as a ``forward_step_func(data_iterator, model) -> (output, loss_func)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_sami.errors import ConfigError
+
+
+@dataclass
+class OptimizerSettings:
+    """Optimizer and gradient settings (the learning-rate schedule lives with the trainer)."""
+
+    name: str = "adam"  # AdamW: megatron-core's "adam" with decoupled weight decay
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "sgd"):
+            raise ConfigError(f"optimizer.name '{self.name}' is not supported; use adam or sgd.")
+        if self.lr < 0:
+            raise ConfigError(f"optimizer.lr must be >= 0, got {self.lr}.")
+
+
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
+    """Wrap a GPTModel in megatron-core DDP (FP32 gradient buffers, reduce after backward)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
+    """megatron-core's optimizer over the DDP-wrapped model, wired into its config."""
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    model_config = ddp_model.config
+    config = OptimizerConfig(
+        optimizer=settings.name,
+        lr=settings.lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        clip_grad=settings.clip_grad,
+        bf16=model_config.bf16,
+        params_dtype=model_config.params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(config, [ddp_model])
+    # What megatron's own training loop wires up: gradient all-reduce (DP, embeddings tied
+    # across pipeline stages, layer norms under sequence parallelism) after backward.
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.no_sync_func = ddp_model.no_sync
+    model_config.grad_scale_func = optimizer.scale_loss
+    return optimizer
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    logs: dict[str, float]
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run megatron-core's schedule for this pipeline layout; returns last-stage loss logs."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=[model],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def reduce_logs(microbatch_logs: list[dict]) -> dict[str, float]:
+    """Mean of each logged value over microbatches and data-parallel ranks, on every rank.
+
+    Only the last pipeline stage holds losses; a sum over the pipeline group carries them to
+    the other stages (whose contribution is zero).
+    """
+    from megatron.core import parallel_state
+
+    keys = sorted(microbatch_logs[0]) if microbatch_logs else []
+    keys = _broadcast_keys(keys)
+    values = torch.zeros(len(keys), dtype=torch.float64)
+    for logs in microbatch_logs:
+        values += torch.tensor([float(logs[key]) for key in keys], dtype=torch.float64)
+    if microbatch_logs:
+        values /= len(microbatch_logs)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    values /= parallel_state.get_data_parallel_world_size()
+    return dict(zip(keys, values.tolist(), strict=True))
+
+
+def _broadcast_keys(keys: list[str]) -> list[str]:
+    """The last pipeline stage knows the log keys; give them to every rank."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return keys
+    holder = [keys]
+    group = parallel_state.get_pipeline_model_parallel_group()
+    last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last_rank, group=group)
+    return holder[0]
+
+
+def train_step(
+    ddp_model: torch.nn.Module,
+    optimizer,
+    forward_step_func: Callable,
+    data_iterator: Iterator,
+    num_microbatches: int,
+    seq_length: int,
+    micro_batch_size: int,
+) -> StepResult:
+    """One optimizer step: zero grads, forward/backward over all microbatches, step."""
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    microbatch_logs = forward_backward(
+        ddp_model, forward_step_func, data_iterator, num_microbatches, seq_length, micro_batch_size
+    )
+    _, grad_norm, _ = optimizer.step()
+    logs = reduce_logs(microbatch_logs)
+    return StepResult(loss=logs.get("loss", float("nan")), grad_norm=grad_norm, logs=logs)

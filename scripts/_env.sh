@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Sourced by demo.sh and test.sh: finds Python 3.12 and creates the project's
+# virtual environment (.venv) if it is absent or incomplete. Idempotent.
+#
+# Python is taken from, in order: $PYTHON, python3.12 on PATH, pyenv's 3.12.x
+# installs. megatron-core 0.17+ requires Python >= 3.12.
+set -euo pipefail
+
+SAMI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SAMI_VENV="${SAMI_VENV:-$SAMI_ROOT/.venv}"
+# Bump when pyproject.toml's dependencies change so existing venvs refresh.
+SAMI_ENV_STAMP="deps-v1 $(sha1sum "$SAMI_ROOT/pyproject.toml" | cut -c1-12)"
+
+_is_py312() {
+  "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1
+}
+
+find_python312() {
+  local candidate
+  for candidate in "${PYTHON:-}" python3.12; do
+    if [ -n "$candidate" ] && command -v "$candidate" >/dev/null 2>&1 && _is_py312 "$candidate"; then
+      command -v "$candidate"; return 0
+    fi
+  done
+  for candidate in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.12*/bin/python3.12; do
+    if [ -x "$candidate" ] && _is_py312 "$candidate"; then
+      echo "$candidate"; return 0
+    fi
+  done
+  echo "error: Python 3.12 not found. Install it (e.g. 'pyenv install 3.12' or your distribution's python3.12)" \
+       "or point PYTHON=/path/to/python3.12 at one." >&2
+  return 1
+}
+
+ensure_env() {
+  if [ -x "$SAMI_VENV/bin/python" ] && [ "$(cat "$SAMI_VENV/.sami-stamp" 2>/dev/null)" = "$SAMI_ENV_STAMP" ]; then
+    return 0
+  fi
+  local py
+  py="$(find_python312)"
+  echo "[env] creating $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
+  [ -x "$SAMI_VENV/bin/python" ] || "$py" -m venv "$SAMI_VENV"
+  "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "$SAMI_ROOT[dev]"
+  echo "$SAMI_ENV_STAMP" > "$SAMI_VENV/.sami-stamp"
+}
+
+ensure_env
+export PATH="$SAMI_VENV/bin:$PATH"

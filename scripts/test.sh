@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs the test suite, creating the environment first if needed.
+#   bash scripts/test.sh                 # everything that can run here
+#   bash scripts/test.sh -m "not slow"   # extra arguments go to pytest
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
+cd "$SAMI_ROOT"
+# pytest's exit code 5 (no tests collected) is a failure, as is any other non-zero code.
+exec python -m pytest "$@"

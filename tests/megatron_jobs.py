@@ -1,0 +1,113 @@
+"""Rank bodies for the multi-process Megatron tests (each runs inside one local process).
+
+Every body initialises the project's real runtime from the launcher variables that
+``run_distributed`` sets, builds the real ``GPTModel``, and tears down at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_sami.models.build import build_gpt_model
+from megatron_sami.models.catalogue import load_model_config
+from megatron_sami.models.checkpoint import load_model, save_model
+from megatron_sami.models.config import PrecisionConfig
+from megatron_sami.runtime.distributed import megatron_runtime
+from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.training.engine import (
+    OptimizerSettings,
+    build_optimizer,
+    forward_backward,
+    reduce_logs,
+    train_step,
+    wrap_ddp,
+)
+from megatron_sami.training.lm import lm_forward_step, make_lm_batches, position_ids_like
+
+SEQ_LENGTH = 32
+FP32 = PrecisionConfig(params_dtype="fp32")
+
+
+def sample_tokens(vocab_size: int, batch: int = 2, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch, SEQ_LENGTH), generator=torch.Generator().manual_seed(seed))
+
+
+def _full_logits(model, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Logits over the real vocabulary, gathered across TP; None off the last stage."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    with torch.no_grad():
+        logits_BTV = model(tokens_BT, position_ids_like(tokens_BT), None)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    logits_BTV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_BTV)
+    return logits_BTV[..., :vocab_size].clone()
+
+
+def create_reference(model_name: str, ckpt_dir: str, seed: int = 1234) -> torch.Tensor:
+    """One process: random init at TP=1, save a distributed checkpoint, return logits."""
+    config = load_model_config(model_name)
+    parallel = ParallelConfig()
+    with megatron_runtime(parallel, model=config, seed=seed):
+        model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
+        save_model(model, ckpt_dir)
+        return _full_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+
+
+def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, expert: int):
+    """Load the checkpoint at a layout and return this rank's gathered logits."""
+    config = load_model_config(model_name)
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline, expert=expert)
+    # A different seed: the weights must come from the checkpoint, not from the init.
+    with megatron_runtime(parallel, model=config, seed=99):
+        model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
+        load_model(model, ckpt_dir)
+        return _full_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+
+
+def loss_at_layout(model_name: str, ckpt_dir: str, pipeline: int, num_microbatches: int = 2) -> float:
+    """Forward+backward through the schedule (PP-aware); the mean loss over microbatches."""
+    from megatron.core import parallel_state
+
+    config = load_model_config(model_name)
+    parallel = ParallelConfig(pipeline=pipeline)
+    with megatron_runtime(parallel, model=config, seed=99):
+        model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
+        load_model(model, ckpt_dir)
+        batches = make_lm_batches(num_microbatches, 2, SEQ_LENGTH, config.vocab_size, seed=5)
+        logs = forward_backward(model, lm_forward_step, iter(batches), num_microbatches, SEQ_LENGTH, 2)
+        grad_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
+        grad_sq_t = torch.tensor([grad_sq], dtype=torch.float64)
+        torch.distributed.all_reduce(grad_sq_t, group=parallel_state.get_pipeline_model_parallel_group())
+        return reduce_logs(logs)["loss"], float(grad_sq_t.sqrt())
+
+
+def train_losses(
+    model_name: str, ckpt_dir: str, tensor: int, global_batch: int, micro_batch: int,
+    num_steps: int = 5, use_distributed_optimizer: bool = True,
+) -> list[float]:
+    """``num_steps`` optimizer steps; each DP rank takes its slice of the same global batches."""
+    from megatron.core import parallel_state
+
+    config = load_model_config(model_name)
+    parallel = ParallelConfig(tensor=tensor)
+    with megatron_runtime(parallel, model=config, seed=99) as info:
+        model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
+        load_model(model, ckpt_dir)
+        ddp_model = wrap_ddp(model, use_distributed_optimizer)
+        optimizer = build_optimizer(ddp_model, OptimizerSettings(
+            lr=1e-3, use_distributed_optimizer=use_distributed_optimizer, clip_grad=1.0))
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), info.data_parallel_size
+        per_rank = global_batch // dp_size
+        num_microbatches = per_rank // micro_batch
+        losses = []
+        for step in range(num_steps):
+            # The same global batch for every layout: samples sliced by DP rank.
+            (whole,) = make_lm_batches(1, global_batch, SEQ_LENGTH, config.vocab_size, seed=100 + step)
+            mine = {key: value[dp_rank * per_rank:(dp_rank + 1) * per_rank] for key, value in whole.items()}
+            micro = [{key: value[i * micro_batch:(i + 1) * micro_batch] for key, value in mine.items()}
+                     for i in range(num_microbatches)]
+            result = train_step(ddp_model, optimizer, lm_forward_step, iter(micro), num_microbatches,
+                                SEQ_LENGTH, micro_batch)
+            losses.append(result.loss)
+        return losses
