@@ -18,3 +18,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_configure(config):
+    # The same known-harmless library messages the runtime silences (megatron_sami.runtime.quiet).
+    from megatron_sami.runtime.quiet import _WARNING_MESSAGES
+
+    for pattern in _WARNING_MESSAGES:
+        config.addinivalue_line("filterwarnings", f"ignore:{pattern}")

@@ -65,21 +65,24 @@ def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int,
         return _full_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
 
 
-def loss_at_layout(model_name: str, ckpt_dir: str, pipeline: int, num_microbatches: int = 2) -> float:
-    """Forward+backward through the schedule (PP-aware); the mean loss over microbatches."""
-    from megatron.core import parallel_state
+def loss_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, num_microbatches: int = 2):
+    """Forward+backward through the schedule; the mean loss and the global gradient norm."""
+    from megatron.core import parallel_state, tensor_parallel
 
     config = load_model_config(model_name)
-    parallel = ParallelConfig(pipeline=pipeline)
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel, model=config, seed=99):
         model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
         load_model(model, ckpt_dir)
         batches = make_lm_batches(num_microbatches, 2, SEQ_LENGTH, config.vocab_size, seed=5)
         logs = forward_backward(model, lm_forward_step, iter(batches), num_microbatches, SEQ_LENGTH, 2)
-        grad_sq = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-        grad_sq_t = torch.tensor([grad_sq], dtype=torch.float64)
-        torch.distributed.all_reduce(grad_sq_t, group=parallel_state.get_pipeline_model_parallel_group())
-        return reduce_logs(logs)["loss"], float(grad_sq_t.sqrt())
+        # Each weight counted once: TP-replicated ones (norms) only on TP rank 0.
+        counts_here = [p for p in model.parameters() if p.grad is not None and (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]
+        grad_sq = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in counts_here)], dtype=torch.float64)
+        torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
+        return reduce_logs(logs)["loss"], float(grad_sq.sqrt())
 
 
 def train_losses(

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from megatron_sami.errors import ConfigError
 from megatron_sami.models.config import ModelConfig
+from megatron_sami.typed_config import to_typed
 
 
 def config_dir() -> Path:
@@ -29,11 +29,7 @@ def model_names() -> list[str]:
 
 def model_config_from_dict(values: Any) -> ModelConfig:
     """Validate a mapping (or DictConfig) against the schema and return the typed config."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"invalid model config: {err.msg if hasattr(err, 'msg') else err}") from err
+    return to_typed(ModelConfig, values, "model")
 
 
 def load_model_config(name: str, **overrides: Any) -> ModelConfig:

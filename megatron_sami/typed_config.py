@@ -1,0 +1,26 @@
+"""Turn a Hydra/OmegaConf node into a validated dataclass, with errors that name the key."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megatron_sami.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def to_typed(schema: type[T], values: Any, prefix: str) -> T:
+    """Merge ``values`` onto ``schema`` (unknown keys and wrong types fail) and build it.
+
+    Building the dataclass runs its ``__post_init__`` checks.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
+        message = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ConfigError(f"invalid value for {key}: {message}; fix the config or the override.") from err

@@ -1,0 +1,78 @@
+"""Small rank bodies that exercise the multi-process harness itself and the CPU layer."""
+
+import os
+import time
+
+
+def rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    import torch
+
+    total = torch.tensor([dist.get_rank() + 1])
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    return dist_rank_env(), int(total)
+
+
+def dist_rank_env() -> int:
+    return int(os.environ["RANK"])
+
+
+def fail_on_rank_one() -> str:
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank one was told to fail")
+    time.sleep(600)  # stands for a rank stuck waiting in a collective for its failed peer
+    return "unreachable"
+
+
+def hang() -> None:
+    time.sleep(600)
+
+
+def die_without_result() -> None:
+    os._exit(3)
+
+
+def cuda_calls_under_the_cpu_layer() -> dict:
+    """What megatron-style CUDA calls do once the layer is installed (CPU machine)."""
+    import torch
+
+    from megatron_sami.runtime import cpu_compat
+
+    active = cpu_compat.install()
+    made = torch.zeros(3, device="cuda")
+    by_ordinal = torch.empty(2, device=torch.cuda.current_device())
+    moved = torch.ones(2).to("cuda:0")
+    torch.cuda.synchronize()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+    torch.cuda.manual_seed(11)
+    first = torch.rand(3)
+    state = torch.cuda.get_rng_state()
+    second = torch.rand(3)
+    torch.cuda.set_rng_state(state)
+    again = torch.rand(3)
+    return {
+        "active": active,
+        "devices": {made.device.type, by_ordinal.device.type, moved.device.type, torch.ones(1).cuda().device.type},
+        "type_name": torch.zeros(1).type(),
+        "bf16_type_name": torch.zeros(1, dtype=torch.bfloat16).type(),
+        "rng_replays": bool((second == again).all()) and not bool((first == second).all()),
+    }
+
+
+def layer_inactive_when_cuda_is_available() -> dict:
+    """Pretend a GPU exists: install() must leave torch.cuda alone."""
+    import torch
+
+    from megatron_sami.runtime import cpu_compat
+
+    original = torch.cuda.current_device
+    torch.cuda.is_available = lambda: True
+    active = cpu_compat.install()
+    return {"active": active, "untouched": torch.cuda.current_device is original,
+            "type_name": torch.zeros(1).type()}

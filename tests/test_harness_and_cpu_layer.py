@@ -1,0 +1,48 @@
+"""The multi-process harness reports every rank's fate; the CPU layer does what it promises."""
+
+import pytest
+
+import harness_jobs as jobs
+from megatron_sami.testing.multiprocess import DistributedJobError, run_distributed
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_results_come_back_in_rank_order_from_a_real_gloo_job(world_size):
+    results = run_distributed(jobs.rank_and_world, world_size)
+    expected_sum = world_size * (world_size + 1) // 2
+    assert results == [(rank, expected_sum) for rank in range(world_size)]
+
+
+def test_a_failing_rank_is_reported_with_its_traceback_and_its_stuck_peer_is_killed():
+    with pytest.raises(DistributedJobError) as failure:
+        run_distributed(jobs.fail_on_rank_one, 2, timeout=120, grace=2)
+    report = str(failure.value)
+    assert "rank 1 failed" in report and "ValueError: rank one was told to fail" in report
+    assert "rank 0: killed after another rank failed" in report
+
+
+def test_a_hung_job_is_killed_at_the_timeout():
+    with pytest.raises(DistributedJobError, match="rank 0: did not finish within 3 s"):
+        run_distributed(jobs.hang, 1, timeout=3)
+
+
+def test_a_rank_that_dies_without_a_result_is_a_failure():
+    with pytest.raises(DistributedJobError, match="exited with code 3"):
+        run_distributed(jobs.die_without_result, 1, timeout=60, grace=1)
+
+
+def test_cpu_layer_redirects_cuda_calls_to_the_cpu():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU layer is never active on a GPU machine")
+    (report,) = run_distributed(jobs.cuda_calls_under_the_cpu_layer, 1)
+    assert report["active"] is True
+    assert report["devices"] == {"cpu"}
+    assert report["type_name"] == "torch.cuda.FloatTensor"
+    assert report["bf16_type_name"] == "torch.cuda.BFloat16Tensor"
+    assert report["rng_replays"] is True
+
+
+def test_cpu_layer_is_never_active_when_cuda_is_available():
+    (report,) = run_distributed(jobs.layer_inactive_when_cuda_is_available, 1)
+    assert report == {"active": False, "untouched": True, "type_name": "torch.FloatTensor"}

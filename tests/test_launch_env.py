@@ -1,0 +1,55 @@
+"""Reading the launcher's variables: torchrun, srun steps, single process."""
+
+import pytest
+
+from megatron_sami.errors import EnvironmentSetupError
+from megatron_sami.runtime.distributed import launch_env_from, parse_slurm_nodelist
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("n1", ["n1"]),
+        ("n[1-2]", ["n1", "n2"]),
+        ("gpu[01-03,07],login1", ["gpu01", "gpu02", "gpu03", "gpu07", "login1"]),
+        ("a[8-10]", ["a8", "a9", "a10"]),
+        ("x[1,3],y[2-3]", ["x1", "x3", "y2", "y3"]),
+    ],
+)
+def test_slurm_nodelist_expansion(nodelist, hosts):
+    assert parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_torchrun_variables():
+    env = launch_env_from({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "8",
+                           "MASTER_ADDR": "node7", "MASTER_PORT": "29500"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (5, 16, 1, 8)
+    assert (env.master_addr, env.master_port, env.launcher) == ("node7", 29500, "torchrun")
+
+
+def test_srun_step_variables_give_rank_world_and_master_from_nodelist():
+    env = launch_env_from({"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "16",
+                           "SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (9, 16, 1, 8)
+    assert env.master_addr == "gpu03"
+    assert env.master_port == 20000 + 4242
+    assert env.launcher == "slurm"
+
+
+def test_batch_script_without_srun_runs_as_one_process():
+    # Inside sbatch but outside srun: SLURM_NTASKS is the allocation's, not this process's world.
+    env = launch_env_from({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "n[1-2]"})
+    assert (env.world_size, env.launcher) == (1, "single")
+
+
+def test_torchrun_wins_over_slurm_and_needs_master_address():
+    env = launch_env_from({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+                           "SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "8"})
+    assert env.launcher == "torchrun"
+    with pytest.raises(EnvironmentSetupError, match="MASTER_ADDR"):
+        launch_env_from({"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "1"})
+
+
+def test_non_integer_rank_is_a_clear_error():
+    with pytest.raises(EnvironmentSetupError, match="RANK='x'"):
+        launch_env_from({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
