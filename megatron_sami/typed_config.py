@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megatron_sami.errors import ConfigError
 
-T = TypeVar("T")
 
-
-def to_typed(schema: type[T], values: Any, prefix: str) -> T:
+def to_typed[T](schema: type[T], values: Any, prefix: str) -> T:
     """Merge ``values`` onto ``schema`` (unknown keys and wrong types fail) and build it.
 
     Building the dataclass runs its ``__post_init__`` checks.

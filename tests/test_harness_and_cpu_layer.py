@@ -2,8 +2,9 @@
 
 import pytest
 
-import harness_jobs as jobs
 from megatron_sami.testing.multiprocess import DistributedJobError, run_distributed
+
+import harness_jobs as jobs
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])

@@ -9,8 +9,9 @@ steps with the distributed optimizer for TP=2 and for DP=2.
 import pytest
 import torch
 
-import megatron_jobs as jobs
 from megatron_sami.testing.multiprocess import run_distributed
+
+import megatron_jobs as jobs
 
 pytestmark = pytest.mark.slow
 

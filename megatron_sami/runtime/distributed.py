@@ -171,6 +171,8 @@ def initialize(
     data_parallel_size = (parallel.validate(model, launch.world_size, seq_length) if model is not None
                           else parallel.data_parallel_size(launch.world_size))
     setup_logging(launch.rank)
+    # Megatron's tensor-parallel overlap relies on in-order kernel launches; must precede CUDA init.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         if launch.local_rank >= torch.cuda.device_count():

@@ -22,6 +22,8 @@ _WARNING_MESSAGES = (
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
     r"MimoModelConfig is experimental",
     r"The argument order of load has been changed",
+    # megatron-core DDP's gradient hooks read .grad of an expanded parameter view.
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )
 
 _LOG_MESSAGES = (

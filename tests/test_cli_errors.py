@@ -1,0 +1,42 @@
+"""Configuration errors end the command with one sentence naming the fix, not a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+CHECK = [sys.executable, "-m", "megatron_sami.cli.check_config"]
+
+
+def run_check(*overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CHECK, *overrides], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fix"),
+    [
+        (["model=llama3-8b", "parallel.tensor=3", "world_size=3"], "use a TP size that divides both heads and KV"),
+        (["model=llama3-8b", "parallel.tensor=16", "world_size=16"], "8 KV heads"),
+        (["model=llama3-8b", "parallel.pipeline=3", "world_size=3"], "use a divisor of 32"),
+        (["model=llama3-8b", "precision.fp8=e4m3"], "set precision.fp8=null"),
+        (["model=llama-9000"], "choose one of:"),
+        (["model=mixtral-8x7b", "parallel.expert=3", "world_size=3"], "use a divisor of 8"),
+    ],
+)
+def test_config_errors_are_one_sentence_with_the_fix(overrides, fix):
+    torch = pytest.importorskip("torch")
+    if "precision.fp8=e4m3" in overrides and torch.cuda.is_available():
+        pytest.skip("FP8 may be valid on this GPU machine")
+    result = run_check(*overrides)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and fix in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_valid_layout_prints_the_plan():
+    result = run_check("model=llama3-70b", "world_size=64", "parallel.tensor=8", "parallel.pipeline=4")
+    assert result.returncode == 0, result.stderr
+    assert "TP 8 x PP 4 x CP 1 x DP 2" in result.stdout
+    assert "70.55 B parameters" in result.stdout
