@@ -47,13 +47,13 @@ def test_unknown_model_and_unknown_key_name_the_fix():
         load_model_config("tiny-llama", num_layerz=2)
 
 
-def test_padded_vocab_follows_megatron_rule():
-    tiny = load_model_config("tiny-llama")  # vocab 250, divisor 16
-    assert tiny.padded_vocab_size(1) == 256
-    assert tiny.padded_vocab_size(4) == 256
-    assert load_model_config("llama3-8b").padded_vocab_size(1) == 128256  # 1002 x 128
-    assert load_model_config("llama3-8b").padded_vocab_size(8) == 129024  # 126 x 1024
-    assert load_model_config("smollm2-135m").padded_vocab_size(3) == 49152  # 128 x 384
+def test_padded_vocab_is_the_same_at_every_tp_size():
+    assert load_model_config("tiny-llama").padded_vocab_size() == 256  # 250 up to a multiple of 16
+    assert load_model_config("llama3-8b").padded_vocab_size() == 128256  # already 1002 x 128
+    assert load_model_config("smollm2-135m").padded_vocab_size() == 49152  # 384 x 128, TP=3 divides it
+    with pytest.raises(LayoutError, match="padded vocabulary"):
+        ParallelConfig(tensor=3).validate(load_model_config("tiny-llama", num_attention_heads=6,
+                                                             num_query_groups=3, hidden_size=96), 3)
 
 
 @pytest.mark.parametrize(

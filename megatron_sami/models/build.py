@@ -52,6 +52,7 @@ def transformer_config(
     precision: PrecisionConfig,
     backend: Backend,
     recompute_activations: bool = False,
+    initialize_weights: bool = True,
 ):
     """The megatron-core ``TransformerConfig`` for one model under one layout."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -106,6 +107,7 @@ def transformer_config(
         context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel,
         use_cpu_initialization=not backend.on_gpu,
+        perform_initialization=initialize_weights,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -135,6 +137,7 @@ def build_gpt_model(
     seq_length: int,
     recompute_activations: bool = False,
     backend: Backend | None = None,
+    initialize_weights: bool = True,
 ):
     """Build this rank's part of ``GPTModel`` (its pipeline stage, its TP/EP shards).
 
@@ -154,12 +157,13 @@ def build_gpt_model(
             f"{model.name} uses a {model.sliding_window}-token sliding window, which the local (non-TE) "
             f"attention cannot apply; keep sequences <= {model.sliding_window} tokens or run with Transformer Engine."
         )
-    config = transformer_config(model, parallel, precision, backend, recompute_activations)
+    # initialize_weights=False leaves the weights uninitialised (for loading or converting).
+    config = transformer_config(model, parallel, precision, backend, recompute_activations, initialize_weights)
     rope = model.rope_scaling
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(model, backend, precision.fp8),
-        vocab_size=model.padded_vocab_size(parallel.tensor),
+        vocab_size=model.padded_vocab_size(),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

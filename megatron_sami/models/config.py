@@ -117,9 +117,14 @@ class ModelConfig:
     def kv_channels(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
-    def padded_vocab_size(self, tensor_parallel_size: int) -> int:
-        """Vocabulary size padded as Megatron pads it (multiple of divisor x TP)."""
-        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+    def padded_vocab_size(self) -> int:
+        """Vocabulary size padded to a multiple of ``make_vocab_size_divisible_by``.
+
+        Unlike Megatron-LM's default, the padding does not grow with TP: one checkpoint then
+        has one embedding shape and loads at every TP size that divides it (checked by the
+        layout validation).
+        """
+        multiple = self.make_vocab_size_divisible_by
         return -(-self.vocab_size // multiple) * multiple
 
     def num_parameters(self) -> int:

@@ -62,6 +62,11 @@ class ParallelConfig:
                 f"parallel.tensor={tp} does not divide {model.name}'s {model.num_query_groups} KV heads "
                 f"(num_query_groups); use one of {_divisors_hint(model)}."
             )
+        if model.padded_vocab_size() % tp != 0:
+            raise LayoutError(
+                f"parallel.tensor={tp} does not divide {model.name}'s padded vocabulary ({model.padded_vocab_size()}); "
+                "set model.make_vocab_size_divisible_by to a multiple of the TP size."
+            )
         if model.num_layers % pp != 0:
             raise LayoutError(
                 f"parallel.pipeline={pp} does not divide {model.name}'s {model.num_layers} layers; "

@@ -1,0 +1,1 @@
+"""HF <-> Megatron-Core checkpoint conversion for the Llama family (Llama, Mistral, Mixtral)."""

@@ -1,0 +1,282 @@
+"""HF <-> Megatron conversion, run inside the project's runtime (one or several processes).
+
+A converted checkpoint directory holds:
+
+    model.yaml        the ModelConfig the training side rebuilds the model from
+    conversion.json   source, dtypes, converter version
+    hf/               the source config.json, generation_config.json and tokenizer files
+    weights/          a Megatron-Core distributed checkpoint (loads at any TP/PP/EP/DP)
+
+Conversion runs at TP=1; pipeline and expert parallelism split the work (each process builds
+and fills only its layers and experts, reading only those HF tensors), so memory per process
+is bounded by what it converts. Outputs are staged in ``<out>.incomplete`` and renamed into
+place by rank 0 once every rank has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_sami import __version__
+from megatron_sami.conversion.hf_io import (
+    TOKENIZER_FILES,
+    SafetensorsReader,
+    model_config_from_hf,
+    read_hf_config,
+    write_index,
+    write_sharded,
+)
+from megatron_sami.conversion.table import (
+    ConversionError,
+    Rule,
+    expand_rules,
+    global_name,
+    ignored_hf_keys,
+)
+from megatron_sami.conversion.transforms import TRANSFORMS, Shapes
+from megatron_sami.models.build import build_gpt_model
+from megatron_sami.models.catalogue import model_config_from_dict
+from megatron_sami.models.checkpoint import load_model, unwrap
+from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.runtime.distributed import logger
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+HF_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
+MAX_SHARD_BYTES = 5 * 1000**3
+
+
+def shapes_of(model: ModelConfig) -> Shapes:
+    return Shapes(model.num_attention_heads, model.num_query_groups, model.kv_channels,
+                  model.vocab_size, model.padded_vocab_size())
+
+
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """Yield ``<out>.incomplete``; on success it replaces ``out_dir`` atomically (collective)."""
+    staging = out_dir.with_name(out_dir.name + ".incomplete")
+    if _rank0():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    try:
+        yield staging
+        dist.barrier()
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if _rank0():
+        previous = out_dir.with_name(out_dir.name + ".replaced")
+        if out_dir.exists():
+            out_dir.rename(previous)
+        staging.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    dist.barrier()
+
+
+def check_output_path(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"output path {out_dir} is a file; choose a directory path.")
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it or choose another path.")
+
+
+def check_coverage(rules: list[Rule], reader: SafetensorsReader, model: ModelConfig) -> None:
+    """Every HF tensor consumed by exactly one rule; every rule's tensors present."""
+    keys = set(reader.keys())
+    wanted = [key for rule in rules for key in rule.hf]
+    missing = [key for key in wanted if key not in keys]
+    if missing:
+        raise ConversionError(
+            f"tensor {missing[0]} is missing from the checkpoint ({len(missing)} missing in all); "
+            f"config.json says {model.num_layers} layers" + (f", {model.num_experts} experts" if model.is_moe else "")
+            + ": the weights do not match the config.")
+    extra = keys - set(wanted) - ignored_hf_keys(sorted(keys))
+    if model.tie_word_embeddings:
+        extra.discard("lm_head.weight")  # a tied head saved anyway is the embedding itself
+    if extra:
+        raise ConversionError(
+            f"HF tensor {sorted(extra)[0]} is not mapped by conversion/llama_family.yaml ({len(extra)} unmapped); "
+            "the checkpoint has more layers/experts than its config or an unsupported architecture variant.")
+
+
+def _offsets(model: ModelConfig) -> tuple[int, int]:
+    """Global index of this rank's first layer and first expert."""
+    from megatron.core import parallel_state
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    layer_offset = pp_rank * (model.num_layers // pp_size)
+    expert_offset = 0
+    if model.is_moe:
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        expert_offset = parallel_state.get_expert_model_parallel_rank() * (model.num_experts // ep_size)
+    return layer_offset, expert_offset
+
+
+def local_rules(model_module: torch.nn.Module, model: ModelConfig) -> Iterator[tuple[str, torch.nn.Parameter, Rule]]:
+    """(local name, parameter, rule) for each parameter of this rank; unknown names are errors."""
+    by_name = {rule.megatron: rule for rule in expand_rules(model)}
+    layer_offset, expert_offset = _offsets(model)
+    for local_name, param in unwrap(model_module).named_parameters():
+        name = global_name(local_name, layer_offset, expert_offset)
+        if name == "output_layer.weight" and model.tie_word_embeddings:
+            name = "embedding.word_embeddings.weight"  # last stage's copy of the tied embedding
+        if name not in by_name:
+            raise ConversionError(f"Megatron parameter {name} has no rule in conversion/llama_family.yaml.")
+        yield local_name, param, by_name[name]
+
+
+def _require_tp1(model_module: torch.nn.Module) -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ConversionError("conversion runs at tensor parallel size 1 (the checkpoint then loads at any TP); "
+                              "split the work with --pipeline / --expert instead.")
+
+
+def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None) -> Path:
+    """Convert an HF directory into a Megatron distributed checkpoint directory (collective)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_path(out_dir, overwrite)
+    hf_config = read_hf_config(hf_dir)
+    model = model_config_from_hf(hf_config, name or hf_dir.name)
+    parallel.validate(model, dist.get_world_size())
+    reader = SafetensorsReader(hf_dir)
+    rules = expand_rules(model)
+    check_coverage(rules, reader, model)
+    source_dtype = reader.dtype()
+    params_dtype = "fp32" if source_dtype == torch.float32 else "bf16"
+    start = time.perf_counter()
+    megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=params_dtype), seq_length=1,
+                                     initialize_weights=False)
+    _require_tp1(megatron_model)
+    shapes = shapes_of(model)
+    with torch.no_grad():
+        for _, param, rule in local_rules(megatron_model, model):
+            tensor = TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf))
+            if tuple(tensor.shape) != tuple(param.shape):
+                found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
+                raise ConversionError(f"{found} give {rule.megatron} shape {list(tensor.shape)}, but the model built "
+                                      f"from config.json needs {list(param.shape)}; the weights do not match the config.")
+            param.copy_(tensor.to(param.dtype))
+    from megatron.core import dist_checkpointing
+
+    with staged_output(out_dir) as staging:
+        if _rank0():
+            (staging / "weights").mkdir()
+        dist.barrier()
+        dist_checkpointing.save(megatron_model.sharded_state_dict(), str(staging / "weights"))
+        if _rank0():
+            _write_metadata(staging, hf_dir, model, {
+                "source": str(hf_dir.resolve()), "source_dtype": str(source_dtype).removeprefix("torch."),
+                "params_dtype": params_dtype, "converter": f"megatron-sami {__version__}",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            })
+    logger.info("converted %s -> %s in %.1f s", hf_dir, out_dir, time.perf_counter() - start)
+    return out_dir
+
+
+def _write_metadata(staging: Path, hf_dir: Path, model: ModelConfig, conversion: dict) -> None:
+    (staging / "model.yaml").write_text(yaml.safe_dump(asdict(model), sort_keys=False))
+    (staging / "conversion.json").write_text(json.dumps(conversion, indent=2) + "\n")
+    (staging / "hf").mkdir()
+    for file_name in HF_META_FILES:
+        if (hf_dir / file_name).is_file():
+            shutil.copy2(hf_dir / file_name, staging / "hf" / file_name)
+
+
+def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and conversion record of a converted (or trained) checkpoint directory."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / "model.yaml").is_file() or not (ckpt_dir / "weights").is_dir():
+        hint = " (an interrupted run left only .incomplete)" if ckpt_dir.with_name(ckpt_dir.name + ".incomplete").exists() else ""
+        raise ConversionError(f"{ckpt_dir} is not a converted checkpoint (needs model.yaml and weights/){hint}; "
+                              "run sami-convert hf-to-megatron first.")
+    model = model_config_from_dict(yaml.safe_load((ckpt_dir / "model.yaml").read_text()))
+    conversion = json.loads((ckpt_dir / "conversion.json").read_text()) if (ckpt_dir / "conversion.json").is_file() else {}
+    return model, conversion
+
+
+def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1):
+    """Build the model of a checkpoint directory at a layout and load its weights (collective)."""
+    model, conversion = read_checkpoint_model(ckpt_dir)
+    parallel.validate(model, dist.get_world_size())
+    dtype = params_dtype or conversion.get("params_dtype", "bf16")
+    megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=dtype), seq_length=seq_length,
+                                     initialize_weights=False)
+    try:
+        load_model(megatron_model, Path(ckpt_dir) / "weights")
+    except Exception as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise ConversionError(f"the weights in {ckpt_dir} do not fit its model.yaml ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); the checkpoint is from a different model.") from err
+    return model, megatron_model
+
+
+def _writes_param(local_name: str) -> bool:
+    """One copy of each tensor: dense weights from DP rank 0, experts from expert-DP rank 0."""
+    from megatron.core import parallel_state
+
+    if ".local_experts." in local_name or ".experts.linear_fc" in local_name:
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return parallel_state.get_data_parallel_rank() == 0
+
+
+def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = False, dtype: str | None = None,
+                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Export a checkpoint directory to an HF directory that ``from_pretrained`` loads (collective)."""
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    check_output_path(out_dir, overwrite)
+    model, conversion = read_checkpoint_model(ckpt_dir)
+    out_dtype_name = dtype or conversion.get("source_dtype", "bfloat16")
+    if out_dtype_name not in DTYPE_NAMES:
+        raise ConversionError(f"dtype '{out_dtype_name}' is not supported; use one of {', '.join(DTYPE_NAMES)}.")
+    out_dtype = DTYPE_NAMES[out_dtype_name]
+    load_dtype = "fp32" if out_dtype == torch.float32 else conversion.get("params_dtype", "bf16")
+    model, megatron_model = load_checkpoint_model(ckpt_dir, parallel, load_dtype)
+    _require_tp1(megatron_model)
+    shapes = shapes_of(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for local_name, param, rule in local_rules(megatron_model, model):
+        is_tied_copy = model.tie_word_embeddings and local_name == "output_layer.weight"
+        if is_tied_copy or not _writes_param(local_name):
+            continue
+        for key, tensor in zip(rule.hf, TRANSFORMS[rule.transform][1](shapes, param.detach()), strict=True):
+            tensors[key] = tensor.to(out_dtype).clone()
+    with staged_output(out_dir) as staging:
+        weight_map = write_sharded(tensors, staging, f"model-rank{dist.get_rank():04d}", max_shard_bytes)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (weight_map, size))
+        if _rank0():
+            merged = {key: file for part, _ in gathered for key, file in part.items()}
+            write_index(staging, merged, sum(size for _, size in gathered))
+            _write_hf_meta(staging, ckpt_dir / "hf", out_dtype_name, conversion.get("source_dtype"))
+    logger.info("exported %s -> %s (%s)", ckpt_dir, out_dir, out_dtype_name)
+    return out_dir
+
+
+def _write_hf_meta(staging: Path, meta_dir: Path, dtype_name: str, source_dtype: str | None) -> None:
+    for file_name in HF_META_FILES:
+        if (meta_dir / file_name).is_file():
+            shutil.copy2(meta_dir / file_name, staging / file_name)
+    if dtype_name != source_dtype:
+        config = json.loads((staging / "config.json").read_text())
+        config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

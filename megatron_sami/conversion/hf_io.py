@@ -1,0 +1,194 @@
+"""Hugging Face model directories: config -> ModelConfig, lazy safetensors reading, sharded writing.
+
+Only safetensors are read or written (no pickle). Tensors are read one at a time, on demand,
+so a process holds only what it converts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_sami.conversion.table import ConversionError
+from megatron_sami.errors import ConfigError
+from megatron_sami.models.catalogue import model_config_from_dict
+from megatron_sami.models.config import ModelConfig
+
+FAMILY_OF_ARCHITECTURE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{hf_dir} has no config.json; point at a Hugging Face model directory.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); restore the file.") from err
+
+
+def _rope(hf: dict) -> tuple[float, dict]:
+    """(theta, scaling) from either transformers-5 ``rope_parameters`` or older top-level keys."""
+    parameters = hf.get("rope_parameters") or {}
+    theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = dict(hf.get("rope_scaling") or {})
+    if parameters.get("rope_type", "default") != "default":
+        scaling = dict(parameters)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, {"type": "none"}
+    if kind == "llama3":
+        return theta, {"type": "llama3", **{key: scaling[key] for key in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if key in scaling}}
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": scaling["factor"]}
+    raise ConversionError(f"rope scaling type '{kind}' is not supported (supported: llama3, linear, none).")
+
+
+def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
+    """The project's ModelConfig for an HF config.json, refusing what cannot be represented."""
+    architectures = hf.get("architectures") or []
+    architecture = architectures[0] if architectures else None
+    if architecture not in FAMILY_OF_ARCHITECTURE:
+        raise ConversionError(
+            f"architecture {architecture!r} is not supported; supported: {', '.join(FAMILY_OF_ARCHITECTURE)}."
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConversionError(f"hidden_act '{hf['hidden_act']}' is not supported; only silu (SwiGLU) is.")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ConversionError("attention or MLP biases are not supported by this converter.")
+    theta, scaling = _rope(hf)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    is_moe = architecture == "MixtralForCausalLM"
+    values = {
+        "name": name,
+        "family": FAMILY_OF_ARCHITECTURE[architecture],
+        "hf_architecture": architecture,
+        "num_layers": hf["num_hidden_layers"],
+        "hidden_size": hf["hidden_size"],
+        "ffn_hidden_size": hf["intermediate_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": hf.get("num_key_value_heads") or heads,
+        "head_dim": head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
+        "vocab_size": hf["vocab_size"],
+        "max_position_embeddings": hf["max_position_embeddings"],
+        "norm_epsilon": hf.get("rms_norm_eps", 1e-5),
+        "rotary_base": float(theta),
+        "rope_scaling": scaling,
+        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
+        "num_experts": hf["num_local_experts"] if is_moe else None,
+        "moe_router_topk": hf.get("num_experts_per_tok", 2),
+    }
+    try:
+        return model_config_from_dict(values)
+    except ConfigError as err:
+        raise ConversionError(f"config.json cannot be converted: {err}") from err
+
+
+class SafetensorsReader:
+    """Lazy access to the tensors of an HF directory (single file or sharded with an index)."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        self.hf_dir = hf_dir
+        self.file_of = self._weight_map()
+        self._handles: dict[str, object] = {}
+        for file_name in sorted(set(self.file_of.values())):
+            self._open(file_name)
+
+    def _weight_map(self) -> dict[str, str]:
+        index = self.hf_dir / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise ConversionError(f"{index} is not a valid safetensors index; restore it.") from err
+            missing = sorted({f for f in weight_map.values() if not (self.hf_dir / f).is_file()})
+            if missing:
+                raise ConversionError(f"{index} names {', '.join(missing)}, which is missing from {self.hf_dir}; "
+                                      "download or copy the complete checkpoint.")
+            return dict(weight_map)
+        single = self.hf_dir / SINGLE_NAME
+        if single.is_file():
+            with self._guard(SINGLE_NAME):
+                with safe_open(single, framework="pt") as handle:
+                    return {key: SINGLE_NAME for key in handle.keys()}  # noqa: SIM118 - not a dict
+        if any(self.hf_dir.glob("*.bin")) or any(self.hf_dir.glob("*.pt")):
+            raise ConversionError(f"{self.hf_dir} holds only pickle weights (.bin/.pt), which are not loaded "
+                                  "for safety; re-save the model with safetensors (save_pretrained).")
+        raise ConversionError(f"{self.hf_dir} has no {SINGLE_NAME} or {INDEX_NAME}; point at a complete HF model.")
+
+    @contextlib.contextmanager
+    def _guard(self, file_name: str):
+        """Turn any failure reading ``file_name`` into one sentence naming the file."""
+        try:
+            yield
+        except ConversionError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors raises several types for bad files
+            raise ConversionError(
+                f"{self.hf_dir / file_name} cannot be read ({type(err).__name__}: {err}); "
+                "the file is truncated or corrupt: download it again.") from err
+
+    def _open(self, file_name: str):
+        if file_name not in self._handles:
+            with self._guard(file_name):
+                self._handles[file_name] = safe_open(self.hf_dir / file_name, framework="pt")
+        return self._handles[file_name]
+
+    def keys(self) -> list[str]:
+        return sorted(self.file_of)
+
+    def shape(self, key: str) -> list[int]:
+        return list(self._open(self.file_of[key]).get_slice(key).get_shape())
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.file_of:
+            raise ConversionError(f"tensor {key} is missing from {self.hf_dir}; the checkpoint does not match "
+                                  "its config.json (layers, experts or tied embeddings).")
+        file_name = self.file_of[key]
+        with self._guard(file_name):
+            return self._open(file_name).get_tensor(key)
+
+    def dtype(self) -> torch.dtype:
+        first = self.keys()[0]
+        return self.get(first).dtype
+
+
+def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str,
+                  max_shard_bytes: int) -> dict[str, str]:
+    """Write tensors into safetensors files of at most ``max_shard_bytes``; returns key -> file."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor.contiguous()
+        size += nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        file_name = f"{prefix}-{number:05d}.safetensors"
+        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        weight_map.update({key: file_name for key in shard})
+    return weight_map
+
+
+def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
