@@ -65,7 +65,8 @@ def test_padded_vocab_is_the_same_at_every_tp_size():
         ("mixtral-8x7b", dict(expert=3), 3, "8 experts"),
         ("llama3-8b", dict(expert=2), 2, "dense"),
         ("llama3-8b", dict(tensor=8), 12, "not divisible by TP x PP x CP"),
-        ("mixtral-8x7b", dict(tensor=2, expert=4), 4, "EP x TP x PP"),
+        ("mixtral-8x7b", dict(tensor=2, expert=4, sequence_parallel=True), 4, "EP x TP x PP"),
+        ("mixtral-8x7b", dict(tensor=2), 2, "set parallel.sequence_parallel=true"),
     ],
 )
 def test_bad_layouts_fail_with_a_sentence_naming_the_fix(model, layout, world, message):

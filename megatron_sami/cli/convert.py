@@ -65,7 +65,9 @@ def _verify(args, parallel) -> int:
     reference, reference_new = hf_reference(args.hf_dir, tokens_BT, args.new_tokens, torch.float32)
     result = compare(reference, candidate, reference_new, candidate_new)
     ok = result.within(args.max_logit_diff, args.max_kl, args.min_greedy_agreement)
-    print(f"max |logit diff| {result.max_abs_logit_diff:.3e} (tolerance {args.max_logit_diff:g}), "
+    if torch.distributed.get_rank() == 0:
+        print(f"max |logit diff| "
+              f" {result.max_abs_logit_diff:.3e} (tolerance {args.max_logit_diff:g}), "
           f"KL {result.kl_divergence:.3e} (tolerance {args.max_kl:g}), greedy agreement "
           f"{result.greedy_agreement:.1%} over {args.new_tokens} tokens: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1

@@ -155,7 +155,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     check_output_path(out_dir, overwrite)
     hf_config = read_hf_config(hf_dir)
     model = model_config_from_hf(hf_config, name or hf_dir.name)
-    parallel.validate(model, dist.get_world_size())
+    parallel.validate(model, dist.get_world_size(), training=False)
     reader = SafetensorsReader(hf_dir)
     rules = expand_rules(model)
     check_coverage(rules, reader, model)
@@ -168,8 +168,13 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     shapes = shapes_of(model)
     with torch.no_grad():
         for _, param, rule in local_rules(megatron_model, model):
-            tensor = TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf))
-            if tuple(tensor.shape) != tuple(param.shape):
+            to_megatron, to_hf = TRANSFORMS[rule.transform]
+            sources = [reader.get(key) for key in rule.hf]
+            tensor = to_megatron(shapes, *sources)
+            # The inverse must give back the source shapes (catches e.g. a vocab size that
+            # padding would otherwise hide).
+            round_trip = [tuple(t.shape) for t in to_hf(shapes, tensor)]
+            if tuple(tensor.shape) != tuple(param.shape) or round_trip != [tuple(t.shape) for t in sources]:
                 found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
                 raise ConversionError(f"{found} give {rule.megatron} shape {list(tensor.shape)}, but the model built "
                                       f"from config.json needs {list(param.shape)}; the weights do not match the config.")
@@ -215,17 +220,11 @@ def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
 def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1):
     """Build the model of a checkpoint directory at a layout and load its weights (collective)."""
     model, conversion = read_checkpoint_model(ckpt_dir)
-    parallel.validate(model, dist.get_world_size())
+    parallel.validate(model, dist.get_world_size(), training=False)
     dtype = params_dtype or conversion.get("params_dtype", "bf16")
     megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=dtype), seq_length=seq_length,
                                      initialize_weights=False)
-    try:
-        load_model(megatron_model, Path(ckpt_dir) / "weights")
-    except Exception as err:
-        if isinstance(err, ConversionError):
-            raise
-        raise ConversionError(f"the weights in {ckpt_dir} do not fit its model.yaml ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200]}); the checkpoint is from a different model.") from err
+    load_model(megatron_model, Path(ckpt_dir) / "weights")
     return model, megatron_model
 
 

@@ -16,9 +16,20 @@ from megatron_sami.training.lm import position_ids_like
 
 
 def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Full-vocabulary logits of ``tokens_BT`` at any layout, returned on every rank."""
+    """Full-vocabulary logits of ``tokens_BT`` at any layout, returned on every rank.
+
+    The sequence is right-padded to a multiple of TP (sequence parallelism needs it); causal
+    attention keeps the real positions unaffected, and the padding is cut off again.
+    """
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model.eval()
+    real_length = tokens_BT.shape[1]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    padding = -real_length % tp
+    if padding:
+        tokens_BT = torch.cat([tokens_BT, tokens_BT.new_zeros(tokens_BT.shape[0], padding)], dim=1)
 
     def forward_step(data_iterator, module):
         batch_BT = next(data_iterator)
@@ -35,10 +46,11 @@ def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size:
             seq_length=tokens_BT.shape[1], micro_batch_size=tokens_BT.shape[0], forward_only=True,
             collect_non_loss_data=True)
     shape = (tokens_BT.shape[0], tokens_BT.shape[1], vocab_size)
-    logits = collected[0].float() if parallel_state.is_pipeline_last_stage() else torch.zeros(shape)
+    # contiguous: GPTModel returns a transposed view, and gloo reduces raw storage.
+    logits = collected[0].float().contiguous() if parallel_state.is_pipeline_last_stage() else torch.zeros(shape)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(logits, group=parallel_state.get_pipeline_model_parallel_group())
-    return logits
+    return logits[:, :real_length]
 
 
 def greedy_tokens(next_logits, prompt_BT: torch.Tensor, num_new: int) -> torch.Tensor:

@@ -158,6 +158,11 @@ def build_gpt_model(
             f"attention cannot apply; keep sequences <= {model.sliding_window} tokens or run with Transformer Engine."
         )
     # initialize_weights=False leaves the weights uninitialised (for loading or converting).
+    if parallel.sequence_parallel and not backend.use_te:
+        raise ConfigError(
+            "sequence parallelism needs Transformer Engine norms (GPU); the local layer spec's torch norms "
+            "do not support it: set parallel.sequence_parallel=false."
+        )
     config = transformer_config(model, parallel, precision, backend, recompute_activations, initialize_weights)
     rope = model.rope_scaling
     gpt = GPTModel(

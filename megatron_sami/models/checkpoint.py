@@ -65,6 +65,15 @@ def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = Tru
         hint = " (an interrupted save left only the .incomplete directory)" if \
             path.with_name(path.name + ".incomplete").exists() else ""
         raise CheckpointError(f"no checkpoint at {path}{hint}; check the path or convert a model first.")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     bare = unwrap(model)
-    state = dist_checkpointing.load(bare.sharded_state_dict(), str(path))
-    bare.load_state_dict(state, strict=strict)
+    try:
+        state = dist_checkpointing.load(bare.sharded_state_dict(), str(path))
+        bare.load_state_dict(state, strict=strict)
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        first_line = next((line for line in str(err).splitlines() if "Error" in line), str(err).splitlines()[0])
+        raise CheckpointError(
+            f"the checkpoint at {path} does not fit the model being loaded ({first_line.strip()[:300]}); "
+            "it was saved from a different model: check the model config."
+        ) from err

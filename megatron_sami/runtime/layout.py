@@ -49,8 +49,13 @@ class ParallelConfig:
             )
         return world_size // self.model_parallel_size
 
-    def validate(self, model: ModelConfig, world_size: int, seq_length: int | None = None) -> int:
-        """Check the layout against the model (and sequence length); returns the DP size."""
+    def validate(self, model: ModelConfig, world_size: int, seq_length: int | None = None,
+                 training: bool = True) -> int:
+        """Check the layout against the model (and sequence length); returns the DP size.
+
+        ``training=False`` (conversion, scoring) drops megatron-core's training-only rule that
+        MoE under TP needs sequence parallelism.
+        """
         tp, pp, ep = self.tensor, self.pipeline, self.expert
         if model.num_attention_heads % tp != 0:
             raise LayoutError(
@@ -78,6 +83,11 @@ class ParallelConfig:
             raise LayoutError(
                 f"parallel.expert={ep} does not divide {model.name}'s {model.num_experts} experts; "
                 f"use a divisor of {model.num_experts}."
+            )
+        if training and model.is_moe and tp > 1 and not self.sequence_parallel:
+            raise LayoutError(
+                f"{model.name} is an MoE model: with parallel.tensor={tp} megatron-core needs sequence "
+                "parallelism; set parallel.sequence_parallel=true."
             )
         if seq_length is not None:
             if self.sequence_parallel and seq_length % tp != 0:
