@@ -66,10 +66,9 @@ def _verify(args, parallel) -> int:
     result = compare(reference, candidate, reference_new, candidate_new)
     ok = result.within(args.max_logit_diff, args.max_kl, args.min_greedy_agreement)
     if torch.distributed.get_rank() == 0:
-        print(f"max |logit diff| "
-              f" {result.max_abs_logit_diff:.3e} (tolerance {args.max_logit_diff:g}), "
-          f"KL {result.kl_divergence:.3e} (tolerance {args.max_kl:g}), greedy agreement "
-          f"{result.greedy_agreement:.1%} over {args.new_tokens} tokens: {'OK' if ok else 'MISMATCH'}")
+        print(f"max |logit diff| {result.max_abs_logit_diff:.3e} (tolerance {args.max_logit_diff:g}), "
+              f"KL {result.kl_divergence:.3e} (tolerance {args.max_kl:g}), greedy agreement "
+              f"{result.greedy_agreement:.1%} over {args.new_tokens} tokens: {'OK' if ok else 'MISMATCH'}")
     return 0 if ok else 1
 
 
