@@ -72,6 +72,14 @@ def logits_at(ckpt_dir: str, tokens_BT: torch.Tensor, tensor: int, pipeline: int
         return megatron_logits(megatron_model, tokens_BT, model.vocab_size)
 
 
+def resave_at(ckpt_dir: str, out_dir: str, tensor: int, pipeline: int) -> None:
+    """Load a checkpoint at a layout and save it again from there (as training does)."""
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
+    with megatron_runtime(parallel):
+        _, megatron_model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32")
+        convert.save_checkpoint_dir(megatron_model, Path(ckpt_dir), Path(out_dir))
+
+
 def expect_conversion_error(kind: str, source: str, out_dir: str) -> str:
     """Run a conversion that must fail; return the error message (or raise if it did not fail)."""
     from megatron_sami.errors import SamiError

@@ -59,7 +59,7 @@ def test_padded_vocab_is_the_same_at_every_tp_size():
 @pytest.mark.parametrize(
     ("model", "layout", "world", "message"),
     [
-        ("llama3-8b", dict(tensor=16), 16, "8 KV heads"),
+        ("llama3-8b", dict(tensor=3), 3, "32 attention heads; use one of 1, 2, 4, 8, 16, 32"),
         ("smollm2-135m", dict(tensor=2), 2, "9 attention heads"),
         ("llama3-8b", dict(pipeline=3), 3, "32 layers"),
         ("mixtral-8x7b", dict(expert=3), 3, "8 experts"),
@@ -72,6 +72,14 @@ def test_padded_vocab_is_the_same_at_every_tp_size():
 def test_bad_layouts_fail_with_a_sentence_naming_the_fix(model, layout, world, message):
     with pytest.raises(LayoutError, match=message):
         ParallelConfig(**layout).validate(load_model_config(model), world)
+
+
+def test_kv_heads_must_divide_or_be_divided_by_tp():
+    # Megatron replicates KV heads when TP is a multiple of the KV groups (GQA with KV < TP).
+    assert ParallelConfig(tensor=16).validate(load_model_config("llama3-8b"), 16) == 1
+    odd = load_model_config("tiny-llama", num_attention_heads=12, num_query_groups=6, hidden_size=96)
+    with pytest.raises(LayoutError, match="neither divides nor is a multiple of tiny-llama's 6 KV heads"):
+        ParallelConfig(tensor=4).validate(odd, 4)
 
 
 def test_good_layouts_give_the_data_parallel_size():

@@ -62,9 +62,12 @@ def test_logits_equal_transformers_at_tp1(converted, variant):
 
 @pytest.mark.parametrize(
     ("variant", "tensor", "pipeline", "expert"),
-    [("llama", 2, 1, 1), ("llama", 1, 2, 1), ("llama-tied", 1, 2, 1), ("mistral", 2, 1, 1),
-     ("llama31-rope", 2, 1, 1), ("mixtral", 1, 1, 2), ("mixtral", 2, 1, 1)],
-    ids=["llama-TP2", "llama-PP2", "tied-PP2", "mistral-TP2", "llama31-TP2", "mixtral-EP2", "mixtral-TP2"],
+    [("llama", 2, 1, 1), ("llama", 1, 2, 1), ("llama", 2, 2, 1), ("llama", 4, 1, 1), ("llama-tied", 1, 2, 1),
+     ("mistral", 2, 1, 1), ("llama31-rope", 2, 1, 1), ("mixtral", 1, 1, 2), ("mixtral", 2, 1, 1),
+     ("mixtral", 2, 1, 2)],
+    # TP4: tiny models have 2 KV groups, so TP=4 exercises KV-head replication (groups < TP).
+    ids=["llama-TP2", "llama-PP2", "llama-TP2xPP2", "llama-TP4-kv-replicated", "tied-PP2", "mistral-TP2",
+         "llama31-TP2", "mixtral-EP2", "mixtral-TP2", "mixtral-TP2xEP2"],
 )
 def test_logits_equal_transformers_at_parallel_layouts(converted, variant, tensor, pipeline, expert):
     hf_dir, ckpt = converted(variant)
@@ -86,6 +89,15 @@ def test_multi_process_conversion_and_export_split_by_pipeline_and_experts(conve
     assert len(shards) > 4  # 20 kB shard limit: every rank wrote several files
     (logits,) = run_distributed(jobs.logits_at, 1, str(tmp_path / "megatron"), TOKENS, 1, 1, 1)
     torch.testing.assert_close(logits, jobs.hf_logits(hf_dir, TOKENS), rtol=0, atol=1e-4)
+
+
+def test_checkpoint_saved_at_tp2_pp2_exports_the_same_tensors(converted, tmp_path):
+    hf_dir, ckpt = converted("llama")
+    run_distributed(jobs.resave_at, 4, str(ckpt), str(tmp_path / "resaved"), 2, 2)
+    run_distributed(jobs.to_hf, 1, str(tmp_path / "resaved"), str(tmp_path / "back"))
+    original, back = read_safetensors_dir(hf_dir), read_safetensors_dir(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    assert all(torch.equal(back[key], original[key]) for key in original)
 
 
 def test_export_loads_with_from_pretrained_and_drops_padded_vocab(converted, tmp_path):

@@ -228,6 +228,29 @@ def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = N
     return model, megatron_model
 
 
+def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, out_dir: Path,
+                        overwrite: bool = False) -> Path:
+    """Save a (trained) model as a checkpoint directory that exports like a converted one.
+
+    The model description (model.yaml, conversion.json, hf/) comes from the checkpoint the
+    model was loaded from; the weights are this model's, at whatever layout it runs (collective).
+    """
+    from megatron.core import dist_checkpointing
+
+    source_ckpt_dir, out_dir = Path(source_ckpt_dir), Path(out_dir)
+    read_checkpoint_model(source_ckpt_dir)
+    check_output_path(out_dir, overwrite)
+    with staged_output(out_dir) as staging:
+        if _rank0():
+            for name in ("model.yaml", "conversion.json"):
+                shutil.copy2(source_ckpt_dir / name, staging / name)
+            shutil.copytree(source_ckpt_dir / "hf", staging / "hf")
+            (staging / "weights").mkdir()
+        dist.barrier()
+        dist_checkpointing.save(unwrap(megatron_model).sharded_state_dict(), str(staging / "weights"))
+    return out_dir
+
+
 def _writes_param(local_name: str) -> bool:
     """One copy of each tensor: dense weights from DP rank 0, experts from expert-DP rank 0."""
     from megatron.core import parallel_state

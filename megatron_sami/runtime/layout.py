@@ -60,11 +60,12 @@ class ParallelConfig:
         if model.num_attention_heads % tp != 0:
             raise LayoutError(
                 f"parallel.tensor={tp} does not divide {model.name}'s {model.num_attention_heads} attention heads; "
-                f"use a TP size that divides both heads and KV groups, e.g. {_divisors_hint(model)}."
+                f"use one of {_divisors_hint(model)}."
             )
-        if model.num_query_groups % tp != 0:
+        groups = model.num_query_groups
+        if groups % tp != 0 and tp % groups != 0:
             raise LayoutError(
-                f"parallel.tensor={tp} does not divide {model.name}'s {model.num_query_groups} KV heads "
+                f"parallel.tensor={tp} neither divides nor is a multiple of {model.name}'s {groups} KV heads "
                 f"(num_query_groups); use one of {_divisors_hint(model)}."
             )
         if model.padded_vocab_size() % tp != 0:
@@ -104,6 +105,8 @@ class ParallelConfig:
 
 
 def _divisors_hint(model: ModelConfig) -> str:
-    common = [d for d in range(1, model.num_query_groups + 1)
-              if model.num_query_groups % d == 0 and model.num_attention_heads % d == 0]
-    return ", ".join(str(d) for d in common)
+    """TP sizes megatron-core accepts: divide the heads, and divide or are a multiple of the KV heads."""
+    heads, groups = model.num_attention_heads, model.num_query_groups
+    usable = [tp for tp in range(1, heads + 1)
+              if heads % tp == 0 and (groups % tp == 0 or tp % groups == 0)]
+    return ", ".join(str(tp) for tp in usable)
