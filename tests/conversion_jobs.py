@@ -29,12 +29,12 @@ VARIANTS = {
 }
 
 
-def make_hf_model(variant: str, directory: Path, seed: int = 0, num_layers: int = 2) -> Path:
+def make_hf_model(variant: str, directory: Path, seed: int = 0, num_layers: int = 2, **overrides) -> Path:
     """A random HF model of the variant, written with save_pretrained (fp32 safetensors)."""
     import transformers
 
     config_class, extra = VARIANTS[variant]
-    config = getattr(transformers, config_class)(**{**COMMON, "num_hidden_layers": num_layers, **extra})
+    config = getattr(transformers, config_class)(**{**COMMON, "num_hidden_layers": num_layers, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # norms away from 1 so that a swapped norm shows in the logits

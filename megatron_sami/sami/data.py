@@ -1,0 +1,160 @@
+"""SAMI training records and their tokenisation into C x C (prompt, response) pairs. Pure code.
+
+A record is one JSONL line: ``{"id", "query", "constitutions": [C strings], "responses":
+[C strings], ...free metadata}`` where response ``j`` was generated under constitution ``j``.
+Each record becomes C*C sequences, row-major: sequence ``k*C + j`` is constitution ``k``'s
+prompt followed by response ``j``. Only response tokens carry loss (``loss_mask``).
+
+Sequences longer than ``seq_length`` are never cut (a cut response would change what is
+scored): ``on_overlength="error"`` (default) refuses the record, naming it; ``"drop"`` skips
+it and counts it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from megatron_sami.errors import ConfigError, SamiError
+
+IGNORE = -100
+
+
+class DataError(SamiError):
+    """A records file or record is unusable; the message names the line."""
+
+
+@dataclass
+class PromptTemplate:
+    """A base-model prompt with ``{constitution}`` and ``{query}`` placeholders."""
+
+    name: str = "dialogue"
+    prompt: str = "Constitution:\n{constitution}\n\nHuman: {query}\n\nAssistant:"
+    response_prefix: str = " "
+
+    def __post_init__(self) -> None:
+        for placeholder in ("{constitution}", "{query}"):
+            if placeholder not in self.prompt:
+                raise ConfigError(f"template '{self.name}' lacks the {placeholder} placeholder; add it to the prompt.")
+
+    def render(self, constitution: str, query: str) -> str:
+        return self.prompt.replace("{constitution}", constitution).replace("{query}", query)
+
+
+@dataclass
+class SamiRecord:
+    id: str
+    query: str
+    constitutions: list[str]
+    responses: list[str]
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def num_constitutions(self) -> int:
+        return len(self.constitutions)
+
+
+def parse_record(line: str, where: str) -> SamiRecord:
+    try:
+        raw = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg}); fix or remove the line.") from err
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: a record must be a JSON object.")
+    missing = [key for key in ("query", "constitutions", "responses") if key not in raw]
+    if missing:
+        raise DataError(f"{where}: missing key(s) {', '.join(missing)}.")
+    constitutions, responses = raw["constitutions"], raw["responses"]
+    if not (isinstance(constitutions, list) and isinstance(responses, list)):
+        raise DataError(f"{where}: constitutions and responses must be lists of strings.")
+    if len(constitutions) < 2 or len(constitutions) != len(responses):
+        raise DataError(f"{where}: needs C >= 2 constitutions and exactly one response per constitution, "
+                        f"got {len(constitutions)} and {len(responses)}.")
+    for index, text in enumerate(responses):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: response {index} is empty; filter the records before training.")
+    if not all(isinstance(text, str) and text.strip() for text in constitutions):
+        raise DataError(f"{where}: every constitution must be a non-empty string.")
+    if not isinstance(raw["query"], str):
+        raise DataError(f"{where}: query must be a string.")
+    extra = {key: value for key, value in raw.items() if key not in ("id", "query", "constitutions", "responses")}
+    return SamiRecord(str(raw.get("id", where)), raw["query"], constitutions, responses, extra)
+
+
+def read_records(path: str | Path) -> list[SamiRecord]:
+    """All records of a JSONL file; every record must have the same C."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"records file {path} does not exist; check data.records_path.")
+    records = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                records.append(parse_record(line, f"{path}:{number}"))
+    if not records:
+        raise DataError(f"records file {path} holds no records.")
+    counts = {record.num_constitutions for record in records}
+    if len(counts) > 1:
+        first = records[0].num_constitutions
+        odd = next(r for r in records if r.num_constitutions != first)
+        raise DataError(f"{path}: record {odd.id} has C={odd.num_constitutions} constitutions but earlier records "
+                        f"have C={first}; all records of a run must share C.")
+    return records
+
+
+class OverlengthError(DataError):
+    pass
+
+
+def tokenize_record(record: SamiRecord, tokenizer, template: PromptTemplate, seq_length: int,
+                    append_eos: bool = False) -> dict[str, torch.Tensor]:
+    """The C*C sequences of one record: tokens, labels (next token) and response loss mask."""
+    C = record.num_constitutions
+    responses = [tokenizer(template.response_prefix + text, add_special_tokens=False)["input_ids"]
+                 for text in record.responses]
+    if append_eos:
+        if tokenizer.eos_token_id is None:
+            raise ConfigError("data.append_eos needs a tokenizer with an EOS token.")
+        responses = [ids + [tokenizer.eos_token_id] for ids in responses]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    tokens = torch.full((C * C, seq_length), pad_id, dtype=torch.long)
+    labels = torch.full((C * C, seq_length), IGNORE, dtype=torch.long)
+    mask = torch.zeros(C * C, seq_length)
+    for k, constitution in enumerate(record.constitutions):
+        prompt = tokenizer(template.render(constitution, record.query))["input_ids"]
+        for j, response in enumerate(responses):
+            ids = prompt + response
+            if len(ids) - 1 > seq_length:
+                raise OverlengthError(
+                    f"record {record.id}: constitution {k} + response {j} is {len(ids) - 1} tokens, longer than "
+                    f"seq_length={seq_length}; raise data.seq_length or set data.on_overlength=drop.")
+            row = k * C + j
+            length = len(ids) - 1
+            tokens[row, :length] = torch.tensor(ids[:-1])
+            labels[row, :length] = torch.tensor(ids[1:])
+            mask[row, len(prompt) - 1:length] = 1.0
+    return {"tokens": tokens, "labels": labels.clamp(min=0), "loss_mask": mask}
+
+
+def tokenize_records(records: list[SamiRecord], tokenizer, template: PromptTemplate, seq_length: int,
+                     append_eos: bool = False, on_overlength: str = "error") -> tuple[list[dict], int]:
+    """Tokenise every record; returns (tokenised records, number dropped for length)."""
+    if on_overlength not in ("error", "drop"):
+        raise ConfigError(f"data.on_overlength '{on_overlength}' is unknown; use error or drop.")
+    tokenized, dropped = [], 0
+    for record in records:
+        try:
+            tokenized.append(tokenize_record(record, tokenizer, template, seq_length, append_eos))
+        except OverlengthError:
+            if on_overlength == "error":
+                raise
+            dropped += 1
+    return tokenized, dropped
+
+
+def collate(tokenized: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack whole C x C blocks of several queries into one microbatch."""
+    return {key: torch.cat([item[key] for item in tokenized]) for key in tokenized[0]}

@@ -1,0 +1,98 @@
+"""The SAMI objective inside megatron-core's schedule (the ``forward_step_func`` contract).
+
+``GPTModel(..., labels=...)`` returns per-token cross-entropy (vocab-parallel under TP); its
+negation summed or averaged under the response mask gives each sequence's log-probability.
+A microbatch holds whole C x C blocks (sequence ``q*C*C + k*C + j``), so the last pipeline
+stage can form the matrices and the loss without communication.
+
+Normalisation: the loss returned per microbatch is the mean over its queries; the schedule
+divides it by the number of microbatches, and DDP averages gradients over data-parallel
+ranks, so the gradient is that of the mean over the global batch of queries. Context
+parallelism is refused (the loss would need log-probs summed across CP ranks first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_sami.sami.objective import SamiLossConfig, sami_loss, sequence_logprobs
+from megatron_sami.training.lm import position_ids_like
+
+
+def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.Tensor,
+              vocab_size: int) -> torch.Tensor:
+    """Per-token negative log-likelihood over the REAL vocabulary, vocab-parallel under TP.
+
+    ``GPTModel(..., labels=...)`` normalises over the padded vocabulary too (the padding rows
+    give logit 0), which shifts every log-prob; here the padded entries are masked out first,
+    so the values equal those of the unpadded HF model.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    logits_NTV = model(tokens_NT, position_ids_like(tokens_NT), None)
+    if not parallel_state.is_pipeline_last_stage():
+        return logits_NTV  # hidden states on their way to the next stage
+    local_vocab = logits_NTV.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * local_vocab
+    is_padding_V = torch.arange(first, first + local_vocab, device=logits_NTV.device) >= vocab_size
+    logits_NTV = logits_NTV.float().masked_fill(is_padding_V, float("-inf"))
+    # megatron-core's kernel takes [S, B, V]; the NLL comes back as [S, B].
+    nll_TN = tensor_parallel.vocab_parallel_cross_entropy(logits_NTV.transpose(0, 1).contiguous(),
+                                                          labels_NT.transpose(0, 1).contiguous())
+    return nll_TN.transpose(0, 1)
+
+
+def _logp_BCC(nll_NT: torch.Tensor, mask_NT: torch.Tensor, num_constitutions: int, reduction: str) -> torch.Tensor:
+    logp_N = sequence_logprobs(-nll_NT.float(), mask_NT, reduction)
+    return logp_N.view(-1, num_constitutions, num_constitutions)
+
+
+def sami_forward_step(num_constitutions: int, loss_config: SamiLossConfig, vocab_size: int):
+    """A ``forward_step_func`` computing the SAMI loss of one microbatch of C x C blocks."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_context_parallel_world_size() > 1:
+        from megatron_sami.errors import ConfigError
+
+        raise ConfigError("the SAMI step does not support context parallelism yet; set parallel.context=1.")
+
+    def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
+        batch = next(data_iterator)
+        tokens_NT, mask_NT = batch["tokens"], batch["loss_mask"]
+        nll_NT = token_nll(model, tokens_NT, batch["labels"], vocab_size)
+
+        def loss_func(nll_NT: torch.Tensor, non_loss_data: bool = False):
+            logp_BCC = _logp_BCC(nll_NT, mask_NT, num_constitutions, loss_config.logprob_reduction)
+            if non_loss_data:
+                return logp_BCC.detach()
+            out = sami_loss(logp_BCC, loss_config)
+            logs = out.logs()
+            logs["response_tokens"] = mask_NT.sum()
+            return out.loss, logs
+
+        return nll_NT, loss_func
+
+    return forward_step
+
+
+def score_matrices(model: torch.nn.Module, microbatches: list[dict[str, torch.Tensor]], num_constitutions: int,
+                   vocab_size: int, reduction: str = "mean") -> torch.Tensor:
+    """The C x C log-probability matrices of every query (forward only), on every rank."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    step = sami_forward_step(num_constitutions, SamiLossConfig(logprob_reduction=reduction), vocab_size)
+    with torch.no_grad():
+        collected = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter(microbatches), model=[model],
+            num_microbatches=len(microbatches), seq_length=microbatches[0]["tokens"].shape[1],
+            micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True, collect_non_loss_data=True)
+    num_queries = sum(mb["tokens"].shape[0] for mb in microbatches) // num_constitutions**2
+    shape = (num_queries, num_constitutions, num_constitutions)
+    logp_BCC = torch.cat(collected).contiguous() if parallel_state.is_pipeline_last_stage() else torch.zeros(shape)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(logp_BCC, group=parallel_state.get_pipeline_model_parallel_group())
+    return logp_BCC

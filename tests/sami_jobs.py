@@ -1,0 +1,101 @@
+"""Fixtures and rank bodies for the SAMI step tests: a tiny HF model with a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from megatron_sami.conversion import convert
+from megatron_sami.runtime.distributed import megatron_runtime
+from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.sami.data import PromptTemplate, SamiRecord, collate, tokenize_records
+from megatron_sami.sami.objective import SamiLossConfig, sequence_logprobs
+from megatron_sami.sami.step import sami_forward_step, score_matrices
+from megatron_sami.training.engine import forward_backward, reduce_logs
+
+SEQ_LENGTH = 128
+TEMPLATE = PromptTemplate(name="test", prompt="Principles:\n{constitution}\n\nHuman: {query}\n\nAssistant:")
+QUERIES = ["How do I bake bread?", "What is a constitution?", "Summarise the post.", "Be brief.",
+           "Tell me a story.", "Why is the sky blue?", "Help me plan a trip.", "Explain rain."]
+CONSTITUTIONS = ["1. Be helpful.\n2. Be harmless.", "1. Be unhelpful.\n2. Be harmful.",
+                 "1. Be helpful.\n2. Be harmful."]
+
+
+def make_records(num_queries: int, num_constitutions: int) -> list[SamiRecord]:
+    records = []
+    for q in range(num_queries):
+        responses = [f"Answer {j} to {QUERIES[q % len(QUERIES)].lower()} " + "yes " * (j + q % 3)
+                     for j in range(num_constitutions)]
+        records.append(SamiRecord(f"q{q}", QUERIES[q % len(QUERIES)], CONSTITUTIONS[:num_constitutions], responses))
+    return records
+
+
+def write_records(path: Path, records: list[SamiRecord]) -> Path:
+    with path.open("w") as out:
+        for r in records:
+            out.write(json.dumps({"id": r.id, "query": r.query, "constitutions": r.constitutions,
+                                  "responses": r.responses}) + "\n")
+    return path
+
+
+def tokenized(tokenizer_dir: str, num_queries: int, num_constitutions: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    items, _ = tokenize_records(make_records(num_queries, num_constitutions), tokenizer, TEMPLATE, SEQ_LENGTH)
+    return items
+
+
+def hf_matrices(hf_dir: str, items: list[dict], num_constitutions: int, reduction: str) -> torch.Tensor:
+    """The same matrices computed plainly with transformers."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    batch = collate(items)
+    with torch.no_grad():
+        logits = model(batch["tokens"]).logits
+    token_logp = logits.log_softmax(-1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+    return sequence_logprobs(token_logp, batch["loss_mask"], reduction).view(-1, num_constitutions, num_constitutions)
+
+
+def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
+                      tensor: int, pipeline: int, reduction: str) -> torch.Tensor:
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
+    with megatron_runtime(parallel):
+        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
+        items = tokenized(tokenizer_dir, num_queries, num_constitutions)
+        return score_matrices(model, [collate([item]) for item in items], num_constitutions, config.vocab_size,
+                              reduction)
+
+
+def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
+                       tensor: int, pipeline: int, num_microbatches: int) -> tuple[float, float]:
+    """One forward/backward over a global batch; DP ranks take their slice of the queries."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
+    with megatron_runtime(parallel) as info:
+        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
+        model.train()
+        items = tokenized(tokenizer_dir, num_queries, num_constitutions)
+        per_rank = num_queries // info.data_parallel_size
+        mine = items[parallel_state.get_data_parallel_rank() * per_rank:][:per_rank]
+        per_micro = per_rank // num_microbatches
+        micro = [collate(mine[i * per_micro:(i + 1) * per_micro]) for i in range(num_microbatches)]
+        step = sami_forward_step(num_constitutions, SamiLossConfig(), config.vocab_size)
+        logs = forward_backward(model, step, iter(micro), num_microbatches, SEQ_LENGTH, micro[0]["tokens"].shape[0])
+        grads = [p.grad for p in model.parameters() if p.grad is not None and (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]
+        grad_sq = torch.tensor([sum(float(g.double().pow(2).sum()) for g in grads)], dtype=torch.float64)
+        torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
+        # Without DDP the gradients are per DP rank: average the gradient vectors, not the norms.
+        if info.data_parallel_size > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads]).double()
+            torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+            flat /= info.data_parallel_size
+            grad_sq = torch.tensor([float(flat.pow(2).sum())], dtype=torch.float64)
+            torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
+        return reduce_logs(logs)["loss"], float(grad_sq.sqrt())

@@ -1,0 +1,57 @@
+"""The SAMI step in real Megatron code: C x C matrices equal transformers', layout invariance."""
+
+import conversion_jobs
+import pytest
+import sami_jobs
+import torch
+
+from megatron_sami.testing.multiprocess import run_distributed
+from megatron_sami.testing.tiny import make_tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """(HF dir with tokenizer, converted checkpoint dir) of a tiny Llama with a real tokenizer."""
+    root = tmp_path_factory.mktemp("sami")
+    hf_dir = root / "hf"
+    tokenizer = make_tiny_tokenizer(hf_dir)
+    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
+    run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "megatron"))
+    return str(hf_dir), str(root / "megatron")
+
+
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 1), (1, 2)], ids=["TP1", "TP2", "PP2"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_megatron_matrices_equal_transformers(model_dirs, tensor, pipeline, reduction):
+    hf_dir, ckpt = model_dirs
+    items = sami_jobs.tokenized(hf_dir, 3, 3)
+    expected = sami_jobs.hf_matrices(hf_dir, items, 3, reduction)
+    for got in run_distributed(sami_jobs.megatron_matrices, tensor * pipeline, ckpt, hf_dir, 3, 3, tensor,
+                               pipeline, reduction):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def single_process_reference(model_dirs):
+    hf_dir, ckpt = model_dirs
+    (reference,) = run_distributed(sami_jobs.loss_and_grad_norm, 1, ckpt, hf_dir, 4, 2, 1, 1, 1)
+    return reference
+
+
+@pytest.mark.parametrize(
+    ("world", "tensor", "pipeline", "num_microbatches"),
+    [(1, 1, 1, 4), (2, 2, 1, 1), (2, 1, 2, 2), (2, 1, 1, 1), (4, 2, 2, 2)],
+    ids=["4-microbatches", "TP2", "PP2", "DP2", "TP2xPP2"],
+)
+def test_loss_and_gradient_are_invariant_to_layout_and_microbatching(
+    model_dirs, single_process_reference, world, tensor, pipeline, num_microbatches
+):
+    hf_dir, ckpt = model_dirs
+    loss, grad_norm = single_process_reference
+    assert grad_norm > 0
+    for got_loss, got_grad_norm in run_distributed(sami_jobs.loss_and_grad_norm, world, ckpt, hf_dir, 4, 2,
+                                                   tensor, pipeline, num_microbatches):
+        assert got_loss == pytest.approx(loss, rel=1e-5)
+        assert got_grad_norm == pytest.approx(grad_norm, rel=1e-4)
