@@ -228,6 +228,14 @@ def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = N
     return model, megatron_model
 
 
+def write_checkpoint_description(source_ckpt_dir: Path, target: Path) -> None:
+    """Copy what describes the model (model.yaml, conversion.json, hf/) to a new checkpoint dir."""
+    for name in ("model.yaml", "conversion.json"):
+        if (source_ckpt_dir / name).is_file():
+            shutil.copy2(source_ckpt_dir / name, target / name)
+    shutil.copytree(source_ckpt_dir / "hf", target / "hf")
+
+
 def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, out_dir: Path,
                         overwrite: bool = False) -> Path:
     """Save a (trained) model as a checkpoint directory that exports like a converted one.
@@ -242,9 +250,7 @@ def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, 
     check_output_path(out_dir, overwrite)
     with staged_output(out_dir) as staging:
         if _rank0():
-            for name in ("model.yaml", "conversion.json"):
-                shutil.copy2(source_ckpt_dir / name, staging / name)
-            shutil.copytree(source_ckpt_dir / "hf", staging / "hf")
+            write_checkpoint_description(source_ckpt_dir, staging)
             (staging / "weights").mkdir()
         dist.barrier()
         dist_checkpointing.save(unwrap(megatron_model).sharded_state_dict(), str(staging / "weights"))

@@ -76,6 +76,42 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
     return optimizer
 
 
+def materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state tensors a checkpoint load fills in place.
+
+    torch's Adam creates its state lazily on the first step, and megatron-core's optimizer
+    state dict asserts it exists; a step on zero gradients creates it without changing the
+    parameters (Adam's update is 0 for zero moments; weight decay is restored by the load).
+    """
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+            inner._init_optimizer_states_with_dummy_values()
+            continue
+        for group in inner.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.optimizer.step()
+        inner.optimizer.zero_grad()
+
+
+def _adam_states(optimizer):
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        yield from inner.optimizer.state.values()
+
+
+def optimizer_step_count(optimizer) -> int:
+    """How many updates torch's optimizer has applied (its per-parameter ``step``)."""
+    return max((int(state["step"]) for state in _adam_states(optimizer) if "step" in state), default=0)
+
+
+def set_optimizer_step_count(optimizer, count: int) -> None:
+    """Restore the update count: a load into the freshly materialised state may leave torch
+    Adam's ``step`` at 1, which changes the bias correction of the next updates."""
+    for state in _adam_states(optimizer):
+        if "step" in state:
+            state["step"].fill_(count)
+
+
 @dataclass
 class StepResult:
     loss: float

@@ -1,0 +1,23 @@
+"""``sami-train``: SAMI training on a converted checkpoint (Hydra overrides; see configs/train.yaml)."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from megatron_sami.cli.common import run_hydra_app
+from megatron_sami.typed_config import to_typed
+
+
+def _task(cfg) -> None:
+    from megatron_sami.sami.trainer import TrainConfig, train
+
+    train_config = to_typed(TrainConfig, cfg, "train")
+    train(train_config, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def main() -> None:
+    run_hydra_app(_task, "train")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,279 @@
+"""The SAMI trainer: load a converted checkpoint, train a fixed number of steps, checkpoint, resume.
+
+Reads top to bottom: config -> runtime -> model, optimizer, data -> resume -> loop -> close.
+Run directory:
+
+    config.yaml          the resolved config of every start
+    metrics.jsonl        one JSON object per optimizer step
+    tensorboard/         the same metrics for TensorBoard
+    checkpoints/step_N/  model (a checkpoint directory that sami-convert exports), optimizer/,
+                         trainer_state/ (step, data position, RNG per rank)
+    checkpoints/latest   the name of the newest complete checkpoint (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_sami.conversion import convert
+from megatron_sami.errors import ConfigError
+from megatron_sami.models.config import PrecisionConfig
+from megatron_sami.runtime.distributed import logger, megatron_runtime
+from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.sami.data import DataError, PromptTemplate, collate, read_records, tokenize_records
+from megatron_sami.sami.objective import SamiLossConfig
+from megatron_sami.sami.schedule import LRSchedule
+from megatron_sami.sami.step import sami_forward_step
+from megatron_sami.training.engine import (
+    OptimizerSettings,
+    build_optimizer,
+    materialize_optimizer_state,
+    optimizer_step_count,
+    set_optimizer_step_count,
+    train_step,
+    wrap_ddp,
+)
+
+# Optimizer state as the distributed optimizer holds it: a resumed run keeps TP/PP (DP may change).
+# ("fully_reshardable" would allow any layout, but megatron-core 0.19 fails to load it with torch
+# Adam: the per-parameter "step" tensor is skipped on load and then looked up.)
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+METRIC_KEYS = ("loss", "loss_row", "loss_col", "acc_row", "acc_col", "mi_bound_nats", "diag_margin")
+
+
+@dataclass
+class DataConfig:
+    records: str = "???"
+    tokenizer: str | None = None  # default: the checkpoint's hf/ directory
+    seq_length: int = 512
+    append_eos: bool = False
+    on_overlength: str = "error"
+
+
+@dataclass
+class TrainConfig:
+    checkpoint: str = "???"
+    run_dir: str = "???"
+    steps: int = 4
+    queries_per_step: int = 8
+    queries_per_microbatch: int = 1
+    seed: int = 1234
+    save_interval: int = 0  # 0: only after the last step
+    recompute_activations: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    loss: SamiLossConfig = field(default_factory=SamiLossConfig)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    lr_schedule: LRSchedule = field(default_factory=LRSchedule)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}.")
+        if self.queries_per_step < 1 or self.queries_per_microbatch < 1:
+            raise ConfigError("queries_per_step and queries_per_microbatch must be >= 1.")
+
+    def microbatches_per_rank(self, data_parallel_size: int) -> int:
+        per_rank, rest = divmod(self.queries_per_step, data_parallel_size)
+        if rest or per_rank % self.queries_per_microbatch:
+            raise ConfigError(
+                f"queries_per_step={self.queries_per_step} must split evenly into {data_parallel_size} data-parallel "
+                f"ranks x microbatches of queries_per_microbatch={self.queries_per_microbatch}; adjust one of them.")
+        return per_rank // self.queries_per_microbatch
+
+
+def query_order(num_queries: int, position: int, count: int, seed: int) -> list[int]:
+    """Queries ``position .. position+count-1`` of an endless sequence of seeded epochs."""
+    order: list[int] = []
+    while len(order) < count:
+        epoch, offset = divmod(position + len(order), num_queries)
+        permutation = torch.randperm(num_queries, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        order.extend(permutation[offset:offset + count - len(order)])
+    return order
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_checkpoint(run_dir: Path, step: int, ddp_model, optimizer, source_ckpt: Path, position: int) -> Path:
+    """Model + optimizer + trainer state, all staged and renamed; then the ``latest`` pointer."""
+    from megatron.core import dist_checkpointing
+
+    checkpoints = run_dir / "checkpoints"
+    final = checkpoints / f"step_{step:06d}"
+    rank = dist.get_rank()
+    with convert.staged_output(final) as staging:
+        if rank == 0:
+            convert.write_checkpoint_description(source_ckpt, staging)
+            for sub in ("weights", "optimizer", "trainer_state"):
+                (staging / sub).mkdir()
+        dist.barrier()
+        model = ddp_model.module
+        model_state = model.sharded_state_dict()
+        dist_checkpointing.save(model_state, str(staging / "weights"))
+        dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_FORMAT),
+                                str(staging / "optimizer"))
+        torch.save({"step": step, "position": position, "rng": _rng_state(),
+                    "optimizer_steps": optimizer_step_count(optimizer)},
+                   staging / "trainer_state" / f"rank{rank:05d}.pt")
+    if rank == 0:
+        pointer = checkpoints / "latest.tmp"
+        pointer.write_text(final.name + "\n")
+        pointer.rename(checkpoints / "latest")
+    dist.barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / "checkpoints" / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_training_state(path: Path, ddp_model, optimizer) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from megatron_sami.models.checkpoint import load_model
+
+    load_model(ddp_model, path / "weights")
+    model = ddp_model.module
+    materialize_optimizer_state(optimizer)
+    state = dist_checkpointing.load(
+        optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_FORMAT),
+        str(path / "optimizer"))
+    with torch.no_grad():  # megatron-core copies into the (grad-requiring) main params in place
+        optimizer.load_state_dict(state)
+    trainer_state = torch.load(path / "trainer_state" / f"rank{dist.get_rank():05d}.pt", weights_only=False)
+    set_optimizer_step_count(optimizer, trainer_state["optimizer_steps"])
+    _set_rng_state(trainer_state["rng"])
+    return trainer_state
+
+
+class MetricsWriter:
+    """metrics.jsonl (rank 0) and TensorBoard; on resume, steps after the checkpoint are dropped."""
+
+    def __init__(self, run_dir: Path, resume_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.board = None
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # pragma: no cover - tensorboard is a dependency
+            logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        if self.board is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.board.add_scalar(f"train/{key}", value, row["step"])
+            self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
+    """Run (or resume) a SAMI training run; returns the final checkpoint directory (collective)."""
+    from transformers import AutoTokenizer
+
+    run_dir = Path(cfg.run_dir)
+    model_config, _ = convert.read_checkpoint_model(Path(cfg.checkpoint))
+    with megatron_runtime(cfg.parallel, model=model_config, seed=cfg.seed, seq_length=cfg.data.seq_length) as info:
+        num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
+        records = read_records(cfg.data.records)
+        if len(records) < cfg.queries_per_step:
+            raise DataError(f"{cfg.data.records} holds {len(records)} queries, fewer than one global batch "
+                            f"(queries_per_step={cfg.queries_per_step}); add data or lower queries_per_step.")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or str(Path(cfg.checkpoint) / "hf"))
+        tokenized, dropped = tokenize_records(records, tokenizer, cfg.template, cfg.data.seq_length,
+                                              cfg.data.append_eos, cfg.data.on_overlength)
+        if dropped:
+            logger.warning("dropped %d of %d records longer than seq_length=%d", dropped, len(records),
+                           cfg.data.seq_length)
+        num_constitutions = records[0].num_constitutions
+        if info.is_rank0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(resolved_yaml)
+        _, model = convert.load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
+                                                 cfg.data.seq_length)
+        ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
+        optimizer = build_optimizer(ddp_model, cfg.optimizer)
+        step, position = 0, 0
+        resume_from = latest_checkpoint(run_dir)
+        if resume_from is not None:
+            state = load_training_state(resume_from, ddp_model, optimizer)
+            step, position = state["step"], state["position"]
+            logger.info("resumed from %s at step %d", resume_from, step)
+        metrics = MetricsWriter(run_dir, step, info.is_rank0)
+        forward_step = sami_forward_step(num_constitutions, cfg.loss, model_config.vocab_size)
+        from megatron.core import parallel_state
+
+        dp_rank = parallel_state.get_data_parallel_rank()
+        per_rank = cfg.queries_per_step // info.data_parallel_size
+        start, first_step = time.perf_counter(), step + 1
+        last_saved = resume_from
+        while step < cfg.steps:
+            step += 1
+            global_batch = query_order(len(tokenized), position, cfg.queries_per_step, cfg.seed)
+            position += cfg.queries_per_step
+            mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
+            micro = [collate(mine[i * cfg.queries_per_microbatch:(i + 1) * cfg.queries_per_microbatch])
+                     for i in range(num_microbatches)]
+            lr = cfg.lr_schedule.at(step, cfg.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_start = time.perf_counter()
+            result = train_step(ddp_model, optimizer, forward_step, iter(micro), num_microbatches,
+                                cfg.data.seq_length, micro[0]["tokens"].shape[0])
+            step_time = time.perf_counter() - step_start
+            tokens = int(sum(float(m["loss_mask"].numel()) for m in micro)) * info.data_parallel_size
+            row = {"step": step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
+                   "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time, "step_time_s": step_time}
+            metrics.write(row)
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (step - first_step + 1) * (cfg.steps - step)
+            logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
+                        "%.0f tokens/s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"], row["acc_col"],
+                        row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], eta)
+            if step == cfg.steps or (cfg.save_interval and step % cfg.save_interval == 0):
+                last_saved = save_training_checkpoint(run_dir, step, ddp_model, optimizer, Path(cfg.checkpoint),
+                                                      position)
+                logger.info("checkpoint %s", last_saved)
+        metrics.close()
+        return last_saved
