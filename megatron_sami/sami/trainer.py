@@ -160,6 +160,8 @@ def load_training_state(path: Path, ddp_model, optimizer) -> dict:
     from megatron_sami.models.checkpoint import load_model
 
     load_model(ddp_model, path / "weights")
+    # The optimizer was built from the initial weights: its fp32 main copies must follow the load.
+    optimizer.reload_model_params()
     model = ddp_model.module
     materialize_optimizer_state(optimizer)
     state = dist_checkpointing.load(

@@ -1,0 +1,125 @@
+"""sami-train end to end through its command line: learning signal, kill + resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import conversion_jobs
+import pytest
+import sami_jobs
+
+from megatron_sami.sami.data import SamiRecord
+from megatron_sami.testing.multiprocess import run_distributed
+from megatron_sami.testing.tiny import make_tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    hf_dir = root / "hf"
+    tokenizer = make_tiny_tokenizer(hf_dir)
+    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
+    run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "ckpt"))
+    # Responses that depend on the constitution: a learnable signal.
+    records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],
+                          [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
+    sami_jobs.write_records(root / "records.jsonl", records)
+    return root
+
+
+def train_command(root: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "megatron_sami.cli.train", f"checkpoint={root / 'ckpt'}", f"data.records={root / 'records.jsonl'}",
+            f"run_dir={run_dir}", "queries_per_step=4", "data.seq_length=256", "precision.params_dtype=fp32",
+            "optimizer.lr=1e-3", *overrides]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_raises_the_diagonal_and_the_mi_bound(setup, tmp_path):
+    run_dir = tmp_path / "run"
+    result = subprocess.run(train_command(setup, run_dir, "steps=10"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 11))
+    for key in ("loss", "loss_row", "loss_col", "acc_row", "acc_col", "mi_bound_nats", "lr", "grad_norm",
+                "tokens_per_s"):
+        assert key in rows[0]
+    first, last = rows[0], rows[-1]
+    assert last["mi_bound_nats"] > first["mi_bound_nats"] + 0.05
+    assert last["diag_margin"] > first["diag_margin"]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoints" / "latest").read_text().strip() == \
+        "step_000010"
+    assert list((run_dir / "tensorboard").iterdir())
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path):
+    overrides = ("steps=6", "save_interval=2", "optimizer.use_distributed_optimizer=false")
+    reference_dir = tmp_path / "uninterrupted"
+    done = subprocess.run(train_command(setup, reference_dir, *overrides), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    run_dir = tmp_path / "killed"
+    job = subprocess.Popen(train_command(setup, run_dir, *overrides), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.monotonic() + 600
+    while not (latest.is_file() and latest.read_text().strip() == "step_000004") and time.monotonic() < deadline:
+        assert job.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    assert metrics(run_dir)[-1]["step"] < 6
+    resumed = subprocess.run(train_command(setup, run_dir, *overrides), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    expected = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(reference_dir)]
+    got = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(run_dir)]
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        ("few", "fewer than one global batch"),
+        ("malformed", "records.jsonl:3: not valid JSON"),
+        ("other-model", "different model"),
+    ],
+)
+def test_bad_input_is_one_clear_error_and_leaves_no_checkpoint(setup, tmp_path, mutate, message):
+    records = tmp_path / "records.jsonl"
+    lines = (setup / "records.jsonl").read_text().splitlines()
+    ckpt = setup / "ckpt"
+    if mutate == "few":
+        lines = lines[:2]
+    elif mutate == "malformed":
+        lines[2] = lines[2][:-5]
+    records.write_text("\n".join(lines) + "\n")
+    if mutate == "other-model":
+        other = tmp_path / "other"
+        conversion_jobs.make_hf_model("llama", other / "hf", num_layers=3, vocab_size=320)
+        (other / "hf" / "tokenizer.json").write_bytes((setup / "hf" / "tokenizer.json").read_bytes())
+        (other / "hf" / "tokenizer_config.json").write_bytes((setup / "hf" / "tokenizer_config.json").read_bytes())
+        run_distributed(conversion_jobs.to_megatron, 1, str(other / "hf"), str(other / "ckpt"))
+        ckpt = tmp_path / "mixed"
+        import shutil
+
+        shutil.copytree(setup / "ckpt", ckpt)
+        shutil.rmtree(ckpt / "weights")
+        shutil.copytree(other / "ckpt" / "weights", ckpt / "weights")
+    command = train_command(setup, tmp_path / "run", "steps=2", nproc=1)
+    command = [arg.replace(str(setup / "records.jsonl"), str(records)).replace(str(setup / "ckpt"), str(ckpt))
+               for arg in command]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
