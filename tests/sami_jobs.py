@@ -23,6 +23,20 @@ CONSTITUTIONS = ["1. Be helpful.\n2. Be harmless.", "1. Be unhelpful.\n2. Be har
                  "1. Be helpful.\n2. Be harmful."]
 
 
+def make_tiny_sami_model(root: Path) -> tuple[Path, Path]:
+    """A tiny Llama with a real tokenizer, as an HF directory and converted: (hf_dir, ckpt_dir)."""
+    import conversion_jobs
+
+    from megatron_sami.testing.multiprocess import run_distributed
+    from megatron_sami.testing.tiny import make_tiny_tokenizer
+
+    hf_dir = root / "hf"
+    tokenizer = make_tiny_tokenizer(hf_dir)
+    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
+    run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "ckpt"))
+    return hf_dir, root / "ckpt"
+
+
 def make_records(num_queries: int, num_constitutions: int) -> list[SamiRecord]:
     records = []
     for q in range(num_queries):

@@ -1,12 +1,10 @@
 """The SAMI step in real Megatron code: C x C matrices equal transformers', layout invariance."""
 
-import conversion_jobs
 import pytest
 import sami_jobs
 import torch
 
 from megatron_sami.testing.multiprocess import run_distributed
-from megatron_sami.testing.tiny import make_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -14,12 +12,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     """(HF dir with tokenizer, converted checkpoint dir) of a tiny Llama with a real tokenizer."""
-    root = tmp_path_factory.mktemp("sami")
-    hf_dir = root / "hf"
-    tokenizer = make_tiny_tokenizer(hf_dir)
-    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
-    run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "megatron"))
-    return str(hf_dir), str(root / "megatron")
+    hf_dir, ckpt = sami_jobs.make_tiny_sami_model(tmp_path_factory.mktemp("sami"))
+    return str(hf_dir), str(ckpt)
 
 
 @pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 1), (1, 2)], ids=["TP1", "TP2", "PP2"])

@@ -14,7 +14,6 @@ import sami_jobs
 
 from megatron_sami.sami.data import SamiRecord
 from megatron_sami.testing.multiprocess import run_distributed
-from megatron_sami.testing.tiny import make_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    hf_dir = root / "hf"
-    tokenizer = make_tiny_tokenizer(hf_dir)
-    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
-    run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "ckpt"))
+    sami_jobs.make_tiny_sami_model(root)
     # Responses that depend on the constitution: a learnable signal.
     records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],
                           [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
