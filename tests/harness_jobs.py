@@ -56,8 +56,21 @@ def cuda_calls_under_the_cpu_layer() -> dict:
     second = torch.rand(3)
     torch.cuda.set_rng_state(state)
     again = torch.rand(3)
+    class CudaLiteralInBackward(torch.autograd.Function):
+        # As megatron-core's activation recomputation does when it rebuilds the causal mask.
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * torch.full((1,), 2.0, device="cuda")
+
+    leaf = torch.ones(2, requires_grad=True)
+    CudaLiteralInBackward.apply(leaf).sum().backward()
     return {
         "active": active,
+        "backward_grad": leaf.grad.tolist(),
         "devices": {made.device.type, by_ordinal.device.type, moved.device.type, torch.ones(1).cuda().device.type},
         "type_name": torch.zeros(1).type(),
         "bf16_type_name": torch.zeros(1, dtype=torch.bfloat16).type(),

@@ -85,13 +85,14 @@ def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_c
 
 
 def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
-                       tensor: int, pipeline: int, num_microbatches: int) -> tuple[float, float]:
+                       tensor: int, pipeline: int, num_microbatches: int,
+                       recompute: bool = False) -> tuple[float, float]:
     """One forward/backward over a global batch; DP ranks take their slice of the queries."""
     from megatron.core import parallel_state, tensor_parallel
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel) as info:
-        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
+        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH, recompute)
         model.train()
         items = tokenized(tokenizer_dir, num_queries, num_constitutions)
         per_rank = num_queries // info.data_parallel_size

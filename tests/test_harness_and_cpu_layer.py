@@ -42,6 +42,7 @@ def test_cpu_layer_redirects_cuda_calls_to_the_cpu():
     assert report["type_name"] == "torch.cuda.FloatTensor"
     assert report["bf16_type_name"] == "torch.cuda.BFloat16Tensor"
     assert report["rng_replays"] is True
+    assert report["backward_grad"] == [2.0, 2.0]
 
 
 def test_cpu_layer_is_never_active_when_cuda_is_available():

@@ -35,17 +35,18 @@ def single_process_reference(model_dirs):
 
 
 @pytest.mark.parametrize(
-    ("world", "tensor", "pipeline", "num_microbatches"),
-    [(1, 1, 1, 4), (2, 2, 1, 1), (2, 1, 2, 2), (2, 1, 1, 1), (4, 2, 2, 2)],
-    ids=["4-microbatches", "TP2", "PP2", "DP2", "TP2xPP2"],
+    ("world", "tensor", "pipeline", "num_microbatches", "recompute"),
+    [(1, 1, 1, 4, False), (2, 2, 1, 1, False), (2, 1, 2, 2, False), (2, 1, 1, 1, False), (4, 2, 2, 2, False),
+     (1, 1, 1, 1, True)],
+    ids=["4-microbatches", "TP2", "PP2", "DP2", "TP2xPP2", "activation-recompute"],
 )
 def test_loss_and_gradient_are_invariant_to_layout_and_microbatching(
-    model_dirs, single_process_reference, world, tensor, pipeline, num_microbatches
+    model_dirs, single_process_reference, world, tensor, pipeline, num_microbatches, recompute
 ):
     hf_dir, ckpt = model_dirs
     loss, grad_norm = single_process_reference
     assert grad_norm > 0
     for got_loss, got_grad_norm in run_distributed(sami_jobs.loss_and_grad_norm, world, ckpt, hf_dir, 4, 2,
-                                                   tensor, pipeline, num_microbatches):
+                                                   tensor, pipeline, num_microbatches, recompute):
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert got_grad_norm == pytest.approx(grad_norm, rel=1e-4)

@@ -217,13 +217,14 @@ def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
     return model, conversion
 
 
-def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1):
+def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1,
+                          recompute_activations: bool = False):
     """Build the model of a checkpoint directory at a layout and load its weights (collective)."""
     model, conversion = read_checkpoint_model(ckpt_dir)
     parallel.validate(model, dist.get_world_size(), training=False)
     dtype = params_dtype or conversion.get("params_dtype", "bf16")
     megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=dtype), seq_length=seq_length,
-                                     initialize_weights=False)
+                                     recompute_activations=recompute_activations, initialize_weights=False)
     load_model(megatron_model, Path(ckpt_dir) / "weights")
     return model, megatron_model
 

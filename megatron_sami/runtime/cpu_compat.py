@@ -165,6 +165,24 @@ def _patch_tensor_methods() -> None:
     torch.nn.Module.cuda = lambda self, *args, **kwargs: self
 
 
+def _patch_autograd_backward(mode: TorchFunctionMode) -> None:
+    """Run custom autograd backward functions under the mode too.
+
+    The autograd engine does not carry Python function modes into backward, so a CUDA literal
+    reached there (megatron-core's activation recomputation rebuilds the causal mask with
+    ``device="cuda"``) would escape the redirect.
+    """
+    from torch.autograd.function import BackwardCFunction
+
+    plain_apply = BackwardCFunction.apply
+
+    def apply_under_mode(self, *args):
+        with mode:
+            return plain_apply(self, *args)
+
+    BackwardCFunction.apply = apply_under_mode
+
+
 def _patch_megatron_rng() -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
@@ -191,5 +209,6 @@ def install() -> bool:
     _patch_megatron_rng()
     logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_DropForkWarning())
     _CudaToCpuMode().__enter__()
+    _patch_autograd_backward(_CudaToCpuMode())
     _installed = True
     return True

@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(resolved_yaml)
         _, model = convert.load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
-                                                 cfg.data.seq_length)
+                                                 cfg.data.seq_length, cfg.recompute_activations)
         ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
         optimizer = build_optimizer(ddp_model, cfg.optimizer)
         step, position = 0, 0
