@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sami.conversion.verify import megatron_logits
 from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import load_model_config
 from megatron_sami.models.checkpoint import load_model, save_model
@@ -33,7 +34,7 @@ from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.training.engine import OptimizerSettings, build_optimizer, train_step, wrap_ddp
-from megatron_sami.training.lm import lm_forward_step, position_ids_like
+from megatron_sami.training.lm import lm_forward_step
 
 MODEL = "tiny-llama"
 SEQ_LENGTH = 64
@@ -65,18 +66,10 @@ def corpus_batch(step: int, batch_size: int) -> dict[str, torch.Tensor]:
     return {"tokens": windows[:, :-1], "labels": windows[:, 1:], "loss_mask": torch.ones(batch_size, SEQ_LENGTH)}
 
 
-def gathered_logits(model, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    from megatron.core import tensor_parallel
-
-    with torch.no_grad():
-        logits_BTV = model(tokens_BT, position_ids_like(tokens_BT), None)
-    return tensor_parallel.gather_from_tensor_model_parallel_region(logits_BTV)[..., :vocab_size]
-
-
 def greedy(model, prompt: str, vocab_size: int, num_new: int = 48) -> str:
     tokens = encode(prompt).unsqueeze(0)
     for _ in range(num_new):
-        next_token = gathered_logits(model, tokens, vocab_size)[0, -1].argmax()
+        next_token = megatron_logits(model, tokens, vocab_size)[0, -1].argmax()
         tokens = torch.cat([tokens, next_token.view(1, 1)], dim=1)
     return decode(tokens[0].tolist())
 
@@ -108,7 +101,7 @@ def train(run_dir: Path, steps: int, batch_size: int) -> None:
                             result.loss, result.grad_norm, tokens_per_s, elapsed / step * (steps - step))
         save_model(model, run_dir / "checkpoint")
         text = greedy(model, PROMPT, config.vocab_size)
-        logits = gathered_logits(model, encode(CORPUS[:SEQ_LENGTH]).unsqueeze(0), config.vocab_size)
+        logits = megatron_logits(model, encode(CORPUS[:SEQ_LENGTH]).unsqueeze(0), config.vocab_size)
         if info.is_rank0:
             torch.save(logits, run_dir / "tp2_logits.pt")
             (run_dir / "tp2_greedy.txt").write_text(text)
@@ -124,7 +117,7 @@ def verify(run_dir: Path) -> int:
     with megatron_runtime(parallel, model=config, seq_length=SEQ_LENGTH):
         model = build_gpt_model(config, parallel, PrecisionConfig(params_dtype="fp32"), SEQ_LENGTH)
         load_model(model, run_dir / "checkpoint")
-        logits = gathered_logits(model, encode(CORPUS[:SEQ_LENGTH]).unsqueeze(0), config.vocab_size)
+        logits = megatron_logits(model, encode(CORPUS[:SEQ_LENGTH]).unsqueeze(0), config.vocab_size)
         text = greedy(model, PROMPT, config.vocab_size)
     reference = torch.load(run_dir / "tp2_logits.pt", weights_only=True)
     max_diff = float((logits - reference).abs().max())

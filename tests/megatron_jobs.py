@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_sami.conversion.verify import megatron_logits
 from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import load_model_config
 from megatron_sami.models.checkpoint import load_model, save_model
@@ -22,7 +23,7 @@ from megatron_sami.training.engine import (
     train_step,
     wrap_ddp,
 )
-from megatron_sami.training.lm import lm_forward_step, make_lm_batches, position_ids_like
+from megatron_sami.training.lm import lm_forward_step, make_lm_batches
 
 SEQ_LENGTH = 32
 FP32 = PrecisionConfig(params_dtype="fp32")
@@ -32,16 +33,22 @@ def sample_tokens(vocab_size: int, batch: int = 2, seed: int = 7) -> torch.Tenso
     return torch.randint(0, vocab_size, (batch, SEQ_LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
-def _full_logits(model, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Logits over the real vocabulary, gathered across TP; None off the last stage."""
+def counted_grads(model) -> list[torch.Tensor]:
+    """Each weight's gradient once: TP-replicated weights (norms) only from TP rank 0."""
     from megatron.core import parallel_state, tensor_parallel
 
-    with torch.no_grad():
-        logits_BTV = model(tokens_BT, position_ids_like(tokens_BT), None)
-    if not parallel_state.is_pipeline_last_stage():
-        return None
-    logits_BTV = tensor_parallel.gather_from_tensor_model_parallel_region(logits_BTV)
-    return logits_BTV[..., :vocab_size].clone()
+    return [p.grad for p in model.parameters() if p.grad is not None and (
+        parallel_state.get_tensor_model_parallel_rank() == 0
+        or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]
+
+
+def model_parallel_norm(grads: list[torch.Tensor]) -> float:
+    """The L2 norm of gradients spread over the TP x PP ranks of one model replica."""
+    from megatron.core import parallel_state
+
+    grad_sq = torch.tensor([sum(float(g.double().pow(2).sum()) for g in grads)], dtype=torch.float64)
+    torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
+    return float(grad_sq.sqrt())
 
 
 def create_reference(model_name: str, ckpt_dir: str, seed: int = 1234) -> torch.Tensor:
@@ -51,7 +58,7 @@ def create_reference(model_name: str, ckpt_dir: str, seed: int = 1234) -> torch.
     with megatron_runtime(parallel, model=config, seed=seed):
         model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
         save_model(model, ckpt_dir)
-        return _full_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+        return megatron_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
 
 
 def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, expert: int):
@@ -62,13 +69,11 @@ def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int,
     with megatron_runtime(parallel, model=config, seed=99):
         model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
         load_model(model, ckpt_dir)
-        return _full_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+        return megatron_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
 
 
 def loss_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, num_microbatches: int = 2):
     """Forward+backward through the schedule; the mean loss and the global gradient norm."""
-    from megatron.core import parallel_state, tensor_parallel
-
     config = load_model_config(model_name)
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel, model=config, seed=99):
@@ -76,13 +81,7 @@ def loss_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, n
         load_model(model, ckpt_dir)
         batches = make_lm_batches(num_microbatches, 2, SEQ_LENGTH, config.vocab_size, seed=5)
         logs = forward_backward(model, lm_forward_step, iter(batches), num_microbatches, SEQ_LENGTH, 2)
-        # Each weight counted once: TP-replicated ones (norms) only on TP rank 0.
-        counts_here = [p for p in model.parameters() if p.grad is not None and (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-            or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]
-        grad_sq = torch.tensor([sum(float(p.grad.double().pow(2).sum()) for p in counts_here)], dtype=torch.float64)
-        torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
-        return reduce_logs(logs)["loss"], float(grad_sq.sqrt())
+        return reduce_logs(logs)["loss"], model_parallel_norm(counted_grads(model))
 
 
 def train_losses(

@@ -88,7 +88,9 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
                        tensor: int, pipeline: int, num_microbatches: int,
                        recompute: bool = False) -> tuple[float, float]:
     """One forward/backward over a global batch; DP ranks take their slice of the queries."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
+
+    from megatron_jobs import counted_grads, model_parallel_norm
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel) as info:
@@ -101,16 +103,10 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
         micro = [collate(mine[i * per_micro:(i + 1) * per_micro]) for i in range(num_microbatches)]
         step = sami_forward_step(num_constitutions, SamiLossConfig(), config.vocab_size)
         logs = forward_backward(model, step, iter(micro), num_microbatches, SEQ_LENGTH, micro[0]["tokens"].shape[0])
-        grads = [p.grad for p in model.parameters() if p.grad is not None and (
-            parallel_state.get_tensor_model_parallel_rank() == 0
-            or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]
-        grad_sq = torch.tensor([sum(float(g.double().pow(2).sum()) for g in grads)], dtype=torch.float64)
-        torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
+        grads = counted_grads(model)
         # Without DDP the gradients are per DP rank: average the gradient vectors, not the norms.
         if info.data_parallel_size > 1:
             flat = torch.cat([g.reshape(-1) for g in grads]).double()
             torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-            flat /= info.data_parallel_size
-            grad_sq = torch.tensor([float(flat.pow(2).sum())], dtype=torch.float64)
-            torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
-        return reduce_logs(logs)["loss"], float(grad_sq.sqrt())
+            grads = [flat / info.data_parallel_size]
+        return reduce_logs(logs)["loss"], model_parallel_norm(grads)

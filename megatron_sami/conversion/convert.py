@@ -15,7 +15,6 @@ place by rank 0 once every rank has finished.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import time
@@ -46,7 +45,7 @@ from megatron_sami.conversion.table import (
 from megatron_sami.conversion.transforms import TRANSFORMS, Shapes
 from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
-from megatron_sami.models.checkpoint import load_model, unwrap
+from megatron_sami.models.checkpoint import load_model, staged_output, unwrap
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
 from megatron_sami.runtime.distributed import logger
 
@@ -62,30 +61,6 @@ def shapes_of(model: ModelConfig) -> Shapes:
 
 def _rank0() -> bool:
     return dist.get_rank() == 0
-
-
-@contextlib.contextmanager
-def staged_output(out_dir: Path) -> Iterator[Path]:
-    """Yield ``<out>.incomplete``; on success it replaces ``out_dir`` atomically (collective)."""
-    staging = out_dir.with_name(out_dir.name + ".incomplete")
-    if _rank0():
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    dist.barrier()
-    try:
-        yield staging
-        dist.barrier()
-    except BaseException:
-        if _rank0():
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if _rank0():
-        previous = out_dir.with_name(out_dir.name + ".replaced")
-        if out_dir.exists():
-            out_dir.rename(previous)
-        staging.rename(out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    dist.barrier()
 
 
 def check_output_path(out_dir: Path, overwrite: bool) -> None:

@@ -7,7 +7,9 @@ It loads at any TP/PP/EP/DP layout (megatron-core reshards on load).
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,13 +29,34 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
+def _rank0() -> bool:
+    return dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def staged_output(out_dir: Path) -> Iterator[Path]:
+    """Yield ``<out>.incomplete`` for every rank to write into; once all ranks are done, rank 0
+    renames it to ``out_dir`` (replacing an existing one), so a directory with the final name is
+    always complete. On failure the staging directory is removed (collective)."""
+    staging = out_dir.with_name(out_dir.name + ".incomplete")
+    if _rank0():
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    dist.barrier()
+    try:
+        yield staging
         dist.barrier()
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    except BaseException:
+        if _rank0():
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if _rank0():
+        previous = out_dir.with_name(out_dir.name + ".replaced")
+        if out_dir.exists():
+            out_dir.rename(previous)
+        staging.rename(out_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    dist.barrier()
 
 
 def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
@@ -41,18 +64,10 @@ def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     from megatron.core import dist_checkpointing
 
     final = Path(directory)
-    staging = final.with_name(final.name + ".incomplete")
-    if _is_rank0():
-        if final.exists():
-            raise CheckpointError(f"{final} already exists; remove it or choose another directory.")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    _barrier()
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(staging))
-    _barrier()
-    if _is_rank0():
-        staging.rename(final)
-    _barrier()
+    if final.exists():
+        raise CheckpointError(f"{final} already exists; remove it or choose another directory.")
+    with staged_output(final) as staging:
+        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(staging))
     return final
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from megatron_sami.conversion import convert
 from megatron_sami.errors import ConfigError
+from megatron_sami.models.checkpoint import staged_output
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
@@ -124,7 +125,7 @@ def save_training_checkpoint(run_dir: Path, step: int, ddp_model, optimizer, sou
     checkpoints = run_dir / "checkpoints"
     final = checkpoints / f"step_{step:06d}"
     rank = dist.get_rank()
-    with convert.staged_output(final) as staging:
+    with staged_output(final) as staging:
         if rank == 0:
             convert.write_checkpoint_description(source_ckpt, staging)
             for sub in ("weights", "optimizer", "trainer_state"):
