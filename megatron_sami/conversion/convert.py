@@ -45,7 +45,7 @@ from megatron_sami.conversion.table import (
 from megatron_sami.conversion.transforms import TRANSFORMS, Shapes
 from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
-from megatron_sami.models.checkpoint import load_model, staged_output, unwrap
+from megatron_sami.models.checkpoint import is_rank0, load_model, save_weights, staged_output, unwrap
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
 from megatron_sami.runtime.distributed import logger
 
@@ -57,10 +57,6 @@ MAX_SHARD_BYTES = 5 * 1000**3
 def shapes_of(model: ModelConfig) -> Shapes:
     return Shapes(model.num_attention_heads, model.num_query_groups, model.kv_channels,
                   model.vocab_size, model.padded_vocab_size())
-
-
-def _rank0() -> bool:
-    return dist.get_rank() == 0
 
 
 def check_output_path(out_dir: Path, overwrite: bool) -> None:
@@ -154,14 +150,10 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
                 raise ConversionError(f"{found} give {rule.megatron} shape {list(tensor.shape)}, but the model built "
                                       f"from config.json needs {list(param.shape)}; the weights do not match the config.")
             param.copy_(tensor.to(param.dtype))
-    from megatron.core import dist_checkpointing
 
     with staged_output(out_dir) as staging:
-        if _rank0():
-            (staging / "weights").mkdir()
-        dist.barrier()
-        dist_checkpointing.save(megatron_model.sharded_state_dict(), str(staging / "weights"))
-        if _rank0():
+        save_weights(megatron_model, staging / "weights")
+        if is_rank0():
             _write_metadata(staging, hf_dir, model, {
                 "source": str(hf_dir.resolve()), "source_dtype": str(source_dtype).removeprefix("torch."),
                 "params_dtype": params_dtype, "converter": f"megatron-sami {__version__}",
@@ -219,17 +211,14 @@ def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, 
     The model description (model.yaml, conversion.json, hf/) comes from the checkpoint the
     model was loaded from; the weights are this model's, at whatever layout it runs (collective).
     """
-    from megatron.core import dist_checkpointing
 
     source_ckpt_dir, out_dir = Path(source_ckpt_dir), Path(out_dir)
     read_checkpoint_model(source_ckpt_dir)
     check_output_path(out_dir, overwrite)
     with staged_output(out_dir) as staging:
-        if _rank0():
+        if is_rank0():
             write_checkpoint_description(source_ckpt_dir, staging)
-            (staging / "weights").mkdir()
-        dist.barrier()
-        dist_checkpointing.save(unwrap(megatron_model).sharded_state_dict(), str(staging / "weights"))
+        save_weights(megatron_model, staging / "weights")
     return out_dir
 
 
@@ -268,7 +257,7 @@ def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = Fa
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (weight_map, size))
-        if _rank0():
+        if is_rank0():
             merged = {key: file for part, _ in gathered for key, file in part.items()}
             write_index(staging, merged, sum(size for _, size in gathered))
             _write_hf_meta(staging, ckpt_dir / "hf", out_dtype_name, conversion.get("source_dtype"))

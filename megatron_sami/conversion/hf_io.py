@@ -27,6 +27,7 @@ FAMILY_OF_ARCHITECTURE = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 INDEX_NAME = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 SINGLE_NAME = "model.safetensors"
 
 
@@ -165,8 +166,12 @@ class SafetensorsReader:
             return self._open(file_name).get_tensor(key)
 
     def dtype(self) -> torch.dtype:
+        """The dtype of the first tensor, from the file header (no tensor is read)."""
         first = self.keys()[0]
-        return self.get(first).dtype
+        name = self._open(self.file_of[first]).get_slice(first).get_dtype()
+        if name not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{first} has dtype {name}; only BF16, F16 and F32 checkpoints are supported.")
+        return _SAFETENSORS_DTYPES[name]
 
 
 def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str,

@@ -29,7 +29,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _rank0() -> bool:
+def is_rank0() -> bool:
     return dist.get_rank() == 0
 
 
@@ -39,7 +39,7 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
     renames it to ``out_dir`` (replacing an existing one), so a directory with the final name is
     always complete. On failure the staging directory is removed (collective)."""
     staging = out_dir.with_name(out_dir.name + ".incomplete")
-    if _rank0():
+    if is_rank0():
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
@@ -47,10 +47,10 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
         yield staging
         dist.barrier()
     except BaseException:
-        if _rank0():
+        if is_rank0():
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    if _rank0():
+    if is_rank0():
         previous = out_dir.with_name(out_dir.name + ".replaced")
         if out_dir.exists():
             out_dir.rename(previous)
@@ -61,14 +61,23 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
 
 def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
     """Save the model's weights as a distributed checkpoint at ``directory`` (collective)."""
-    from megatron.core import dist_checkpointing
-
     final = Path(directory)
     if final.exists():
         raise CheckpointError(f"{final} already exists; remove it or choose another directory.")
     with staged_output(final) as staging:
-        dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(staging))
+        save_weights(model, staging)
     return final
+
+
+def save_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Write the model's weights as a distributed checkpoint into ``directory``, usually a
+    sub-directory of a staged output (collective)."""
+    from megatron.core import dist_checkpointing
+
+    if is_rank0():
+        directory.mkdir(exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
 
 
 def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from megatron_sami.conversion import convert
 from megatron_sami.errors import ConfigError
-from megatron_sami.models.checkpoint import staged_output
+from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
@@ -128,12 +128,10 @@ def save_training_checkpoint(run_dir: Path, step: int, ddp_model, optimizer, sou
     with staged_output(final) as staging:
         if rank == 0:
             convert.write_checkpoint_description(source_ckpt, staging)
-            for sub in ("weights", "optimizer", "trainer_state"):
+            for sub in ("optimizer", "trainer_state"):
                 (staging / sub).mkdir()
-        dist.barrier()
+        save_weights(ddp_model, staging / "weights")
         model = ddp_model.module
-        model_state = model.sharded_state_dict()
-        dist_checkpointing.save(model_state, str(staging / "weights"))
         dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_FORMAT),
                                 str(staging / "optimizer"))
         torch.save({"step": step, "position": position, "rng": _rng_state(),
