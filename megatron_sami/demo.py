@@ -1,19 +1,14 @@
-"""The embedded-default demo: real Megatron-Core on CPU, no downloads, no GPU.
+"""Demo helpers.
 
-Until the SAMI expert-iteration job exists, ``bash scripts/demo.sh`` runs these phases:
+``report`` prints what the embedded-default expert-iteration run (``bash scripts/demo.sh``)
+measured: filter counts, the last training step of each iteration, both MI estimators of the
+base model and the last iteration, and the side-by-side samples.
 
-1. ``train`` (torchrun, 2 processes): a tiny Llama-architecture ``GPTModel`` at tensor parallel
-   size 2, megatron-core DDP and distributed optimizer, learns an embedded paragraph as byte
-   tokens (progress, tokens/s, ETA), saves an atomic distributed checkpoint, greedy-decodes.
-2. ``verify`` (one process): loads that checkpoint at tensor parallel size 1 and checks that it
-   reproduces the TP=2 logits and the greedy text.
-3. ``sami-setup`` then the real commands: a tiny random HF Llama with a tokenizer trained here
-   and the embedded SAMI records (:mod:`megatron_sami.demo_data`) are written;
-   ``sami-convert`` makes a Megatron checkpoint, ``sami-train`` runs SAMI at TP=2,
-   ``sami-convert`` exports the result to HF, and ``sami-report`` prints the MI bound before and
-   after and checks that transformers loads the export.
-
-Everything is written under the run directory.
+``train`` and ``verify`` are the foundation smoke job (real Megatron-Core on CPU, used by the
+tests): ``train`` (torchrun, 2 processes) trains a tiny Llama-architecture ``GPTModel`` at
+tensor parallel size 2 with megatron-core DDP and the distributed optimizer on an embedded
+paragraph and saves an atomic distributed checkpoint; ``verify`` (one process) reloads it at
+tensor parallel size 1 and checks that it reproduces the TP=2 logits and greedy text.
 """
 
 from __future__ import annotations
@@ -131,38 +126,30 @@ def verify(run_dir: Path) -> int:
     return 0 if ok else 1
 
 
-def sami_setup(run_dir: Path) -> None:
-    """A tiny HF model + tokenizer and the embedded records, as a user would bring them."""
-    from megatron_sami import demo_data
-    from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
-
-    tokenizer = make_tiny_tokenizer(run_dir / "hf", vocab_size=600, corpus=demo_data.corpus())
-    make_tiny_hf_model("llama", run_dir / "hf", seed=0, vocab_size=len(tokenizer), max_position_embeddings=512)
-    with (run_dir / "records.jsonl").open("w") as out:
-        out.writelines(json.dumps(record) + "\n" for record in demo_data.records())
-    print(f"wrote a random tiny Llama with its tokenizer to {run_dir / 'hf'} and "
-          f"{len(demo_data.records())} SAMI records to {run_dir / 'records.jsonl'}")
-
-
-def sami_report(run_dir: Path) -> int:
-    from transformers import AutoModelForCausalLM
-
-    rows = [json.loads(line) for line in (run_dir / "sami-run" / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0], rows[-1]
-    print(f"SAMI: step 1 -> {last['step']}: loss {first['loss']:.4f} -> {last['loss']:.4f}, MI bound "
-          f"{first['mi_bound_nats']:.4f} -> {last['mi_bound_nats']:.4f} nats, diagonal margin "
-          f"{first['diag_margin']:.3f} -> {last['diag_margin']:.3f}")
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "hf-export")
-    print(f"transformers loads the exported model: {type(model).__name__}, "
-          f"{sum(p.numel() for p in model.parameters())} parameters")
-    ok = last["mi_bound_nats"] > first["mi_bound_nats"]
-    print("demo SAMI: OK (the MI bound rose)" if ok else "demo SAMI: FAILED (the MI bound did not rise)")
-    return 0 if ok else 1
+def report(run_dir: Path) -> int:
+    """What the expert-iteration demo measured, in a few lines, and the side-by-side samples."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [row for row in summary["iterations"] if "mi" in row]
+    for row in summary["iterations"]:
+        if "filter" in row:
+            last = row["train_last_step"]
+            print(f"iteration {row['iteration']}: filters kept {row['filter']['kept']} of {row['filter']['input']}; "
+                  f"last training step: loss {last['loss']:.4f}, MI bound {last['mi_bound_nats']:.3f} nats")
+    first, final = rows[0]["mi"]["learned"], rows[-1]["mi"]["learned"]
+    for key, label in (("info_nce_bound", "InfoNCE bound"), ("paper_mi", "paper estimator")):
+        change = final[key]["mean"] - first[key]["mean"]
+        print(f"{label}: base {first[key]['mean']:.3f} -> iteration {rows[-1]['iteration']} "
+              f"{final[key]['mean']:.3f} nats ({'rose' if change > 0 else 'did not rise'} by {change:+.3f}; "
+              f"standard errors {first[key]['se']:.3f} / {final[key]['se']:.3f}, n = {final[key]['n']})")
+    samples = run_dir / "samples.md"
+    if samples.is_file():
+        print(samples.read_text())
+    return 0 if summary["complete"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["train", "verify", "sami-setup", "sami-report"])
+    parser.add_argument("phase", choices=["train", "verify", "report"])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -170,11 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "train":
         train(args.run_dir, args.steps, args.batch_size)
         return 0
-    if args.phase == "sami-setup":
-        sami_setup(args.run_dir)
-        return 0
-    if args.phase == "sami-report":
-        return sami_report(args.run_dir)
+    if args.phase == "report":
+        return report(args.run_dir)
     return verify(args.run_dir)
 
 

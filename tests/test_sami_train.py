@@ -57,8 +57,9 @@ def test_training_raises_the_diagonal_and_the_mi_bound(setup, tmp_path):
     assert list((run_dir / "tensorboard").iterdir())
 
 
-def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path):
-    overrides = ("steps=6", "save_interval=2", "optimizer.use_distributed_optimizer=false")
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
+def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer):
+    overrides = ("steps=6", "save_interval=2", "optimizer.use_distributed_optimizer=false", f"optimizer.name={optimizer}")
     reference_dir = tmp_path / "uninterrupted"
     done = subprocess.run(train_command(setup, reference_dir, *overrides), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -60,4 +60,11 @@ def install() -> None:
     _installed = True
 
 
+def quiet_transformers() -> None:
+    """transformers draws a progress bar for every model load; our own logs show progress."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
 install()

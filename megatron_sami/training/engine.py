@@ -21,20 +21,27 @@ from megatron_sami.errors import ConfigError
 class OptimizerSettings:
     """Optimizer and gradient settings (the learning-rate schedule lives with the trainer)."""
 
-    name: str = "adam"  # AdamW: megatron-core's "adam" with decoupled weight decay
+    name: str = "adam"  # adam (AdamW: decoupled weight decay), rmsprop, sgd
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    rmsprop_alpha: float = 0.99  # smoothing constant of the squared-gradient average
+    rmsprop_eps: float = 1e-8
+    rmsprop_momentum: float = 0.0
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
 
     def __post_init__(self) -> None:
-        if self.name not in ("adam", "sgd"):
-            raise ConfigError(f"optimizer.name '{self.name}' is not supported; use adam or sgd.")
+        if self.name not in ("adam", "rmsprop", "sgd"):
+            raise ConfigError(f"optimizer.name '{self.name}' is not supported; use adam, rmsprop or sgd.")
         if self.lr < 0:
             raise ConfigError(f"optimizer.lr must be >= 0, got {self.lr}.")
+        if self.name == "rmsprop" and self.use_distributed_optimizer:
+            # megatron-core's distributed optimizer shards and checkpoints Adam-shaped state only.
+            raise ConfigError("optimizer.name=rmsprop needs optimizer.use_distributed_optimizer=false (megatron-core's "
+                              "distributed optimizer only checkpoints Adam-style state).")
 
 
 def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
@@ -56,7 +63,9 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
 
     model_config = ddp_model.config
     config = OptimizerConfig(
-        optimizer=settings.name,
+        # megatron-core has no RMSprop: it builds its wrappers around SGD, whose torch optimizer
+        # is then replaced by torch's RMSprop over the same parameter groups.
+        optimizer="sgd" if settings.name == "rmsprop" else settings.name,
         lr=settings.lr,
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
@@ -68,12 +77,36 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
+    if settings.name == "rmsprop":
+        _use_rmsprop(optimizer, settings)
     # What megatron's own training loop wires up: gradient all-reduce (DP, embeddings tied
     # across pipeline stages, layer norms under sequence parallelism) after backward.
     model_config.finalize_model_grads_func = finalize_model_grads
     model_config.no_sync_func = ddp_model.no_sync
     model_config.grad_scale_func = optimizer.scale_loss
     return optimizer
+
+
+def _use_rmsprop(optimizer, settings: OptimizerSettings) -> None:
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        groups = [{key: value for key, value in group.items() if key not in ("momentum", "dampening", "nesterov")}
+                  for group in inner.optimizer.param_groups]
+        inner.optimizer = torch.optim.RMSprop(groups, lr=settings.lr, alpha=settings.rmsprop_alpha,
+                                              eps=settings.rmsprop_eps, weight_decay=settings.weight_decay,
+                                              momentum=settings.rmsprop_momentum)
+        inner.init_state_fn = _init_rmsprop_state
+
+
+def _init_rmsprop_state(torch_optimizer, config=None) -> None:
+    """The state torch's RMSprop creates on its first step, for a checkpoint load to fill."""
+    for group in torch_optimizer.param_groups:
+        for param in group["params"]:
+            state = torch_optimizer.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["square_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                if group["momentum"] > 0:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def materialize_optimizer_state(optimizer) -> None:

@@ -1,0 +1,1 @@
+"""Expert iteration: constitutions, queries, generation, filtering, the iteration driver, MI evaluation."""

@@ -1,0 +1,236 @@
+"""Generation backends behind one interface, and records written in atomic, resumable shards.
+
+Backends (``generation.backend``):
+
+- ``hf``: transformers ``generate`` on an HF directory, batched, on CPU or one GPU.
+- ``vllm``: offline ``vllm.LLM`` with tensor parallelism on an HF directory (an optional extra
+  for GPU clusters; refused with a sentence where vLLM is not installed).
+- ``megatron``: reserved for megatron-core's inference engine (GPU); refused for now.
+
+Each backend returns, per prompt, the response text cut at the first stop string and whether it
+*finished* (EOS or a stop string) rather than running into ``max_new_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_sami.errors import ConfigError, EnvironmentSetupError
+from megatron_sami.expert.constitutions import ConstitutionSet, SamplingConfig, sample_constitutions
+from megatron_sami.expert.queries import Query
+from megatron_sami.runtime.distributed import logger
+from megatron_sami.sami.data import PromptTemplate
+
+BACKENDS = ("hf", "vllm", "megatron")
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"
+    max_new_tokens: int = 350
+    temperature: float = 0.0  # 0: greedy (the paper)
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=lambda: ["\n\nHuman:", "\nHuman:", "<|im_end|>"])
+    batch_size: int = 16
+    shard_size: int = 64  # queries per records shard
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    tensor_parallel: int = 1  # vllm only
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown generation backend '{self.backend}'; use one of: {', '.join(BACKENDS)}.")
+        if self.max_new_tokens < 1 or self.batch_size < 1 or self.shard_size < 1:
+            raise ConfigError("generation.max_new_tokens, batch_size and shard_size must be >= 1.")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError("generation.temperature must be >= 0 and top_p in (0, 1].")
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finished: bool
+    num_tokens: int
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The text before the earliest stop string, and whether one was found."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    if not positions:
+        return text, False
+    return text[:min(positions)], True
+
+
+class HFBackend:
+    """transformers ``generate``; left padding so a batch of prompts decodes together."""
+
+    def __init__(self, model_dir: str | Path, cfg: GenerationConfig) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from megatron_sami.runtime.quiet import quiet_transformers
+
+        quiet_transformers()
+        self.cfg = cfg
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = {"auto": torch.bfloat16 if self.device == "cuda" else torch.float32, "bf16": torch.bfloat16,
+                 "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
+
+    def generate(self, prompts: list[str]) -> list[Completion]:
+        import torch
+
+        results: list[Completion] = []
+        eos_ids = self._eos_ids()
+        for start in range(0, len(prompts), self.cfg.batch_size):
+            batch = self.tokenizer(prompts[start:start + self.cfg.batch_size], return_tensors="pt", padding=True)
+            batch = {key: value.to(self.device) for key, value in batch.items()}
+            sampling = {"do_sample": False} if self.cfg.temperature == 0 else {
+                "do_sample": True, "temperature": self.cfg.temperature, "top_p": self.cfg.top_p}
+            torch.manual_seed(self.cfg.seed + start)
+            with torch.no_grad():
+                output = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens,
+                                             pad_token_id=self.tokenizer.pad_token_id,
+                                             stop_strings=[s for s in self.cfg.stop if s] or None,
+                                             tokenizer=self.tokenizer, **sampling)
+            new_tokens = output[:, batch["input_ids"].shape[1]:].cpu()
+            for row in new_tokens.tolist():
+                results.append(self._completion(row, eos_ids))
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = ids if isinstance(ids, list) else [ids]
+        return {i for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+
+    def _completion(self, row: list[int], eos_ids: set[int]) -> Completion:
+        pad = self.tokenizer.pad_token_id
+        hit_eos = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        kept = row if hit_eos is None else row[:hit_eos]
+        kept = [t for t in kept if t != pad] if pad not in eos_ids else kept
+        text = self.tokenizer.decode(kept, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, self.cfg.stop)
+        return Completion(text.strip(), hit_eos is not None or stopped, len(kept))
+
+
+class VLLMBackend:
+    """Offline vLLM with tensor parallelism: the backend for GPU clusters."""
+
+    def __init__(self, model_dir: str | Path, cfg: GenerationConfig) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise EnvironmentSetupError("generation backend 'vllm' is not installed; install vllm on the GPU machines "
+                                        "(pip install vllm) or use generation.backend=hf.") from err
+        self.cfg = cfg
+        dtype = "auto" if cfg.dtype == "auto" else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+        self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=cfg.tensor_parallel, dtype=dtype,
+                            seed=cfg.seed)
+        self.params = vllm.SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
+                                          max_tokens=cfg.max_new_tokens, stop=[s for s in cfg.stop if s],
+                                          seed=cfg.seed)
+
+    def generate(self, prompts: list[str]) -> list[Completion]:
+        outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
+        return [Completion(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "stop",
+                           len(o.outputs[0].token_ids)) for o in outputs]
+
+
+def check_backend_available(cfg: GenerationConfig) -> None:
+    """Refuse a backend that cannot run here, before any work is done."""
+    import importlib.util
+
+    if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EnvironmentSetupError("generation backend 'vllm' is not installed; install vllm on the GPU machines "
+                                    "(pip install vllm) or use generation.backend=hf.")
+    if cfg.backend == "megatron":
+        raise EnvironmentSetupError("generation backend 'megatron' (megatron-core's inference engine) is not "
+                                    "available in this version; use generation.backend=hf or vllm.")
+
+
+def make_backend(model_dir: str | Path, cfg: GenerationConfig):
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"{model_dir} is not an HF model directory (no config.json); export the checkpoint first.")
+    check_backend_available(cfg)
+    return HFBackend(model_dir, cfg) if cfg.backend == "hf" else VLLMBackend(model_dir, cfg)
+
+
+def query_rng(seed: int, query: Query) -> random.Random:
+    """The generator that samples one query's constitutions: the same on every rerun."""
+    return random.Random(f"{seed}:{query.id}")
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    staging = path.with_name(path.name + ".incomplete")
+    with staging.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    staging.replace(path)
+
+
+def shard_path(out_dir: Path, index: int) -> Path:
+    return out_dir / f"shard-{index:05d}.jsonl"
+
+
+def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSet, sampling: SamplingConfig,
+                     template: PromptTemplate, out_dir: Path, shard_size: int, seed: int,
+                     sample=sample_constitutions) -> list[Path]:
+    """Records (one per query, C responses) in shards; completed shards are kept and skipped.
+
+    ``backend_factory`` is called only when a shard is missing, so a finished phase loads no model.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = [queries[i:i + shard_size] for i in range(0, len(queries), shard_size)]
+    paths = [shard_path(out_dir, index) for index in range(len(shards))]
+    todo = [index for index, path in enumerate(paths) if not path.exists()]
+    if len(todo) < len(shards):
+        logger.info("generation: %d of %d shards already complete in %s", len(shards) - len(todo), len(shards), out_dir)
+    backend = backend_factory() if todo else None
+    start, total_tokens = time.perf_counter(), 0
+    for done, index in enumerate(todo, start=1):
+        rows = _generate_shard(backend, shards[index], cset, sampling, template, seed, sample)
+        write_jsonl_atomic(paths[index], rows)
+        total_tokens += sum(sum(r["metadata"]["num_tokens"]) for r in rows)
+        elapsed = time.perf_counter() - start
+        logger.info("generation shard %d/%d: %d queries x %d responses, %.0f tokens/s, ETA %.0f s", index + 1,
+                    len(shards), len(rows), sampling.num_constitutions, total_tokens / elapsed,
+                    elapsed / done * (len(todo) - done))
+    return paths
+
+
+def _generate_shard(backend, shard: list[Query], cset: ConstitutionSet, sampling: SamplingConfig,
+                    template: PromptTemplate, seed: int, sample) -> list[dict]:
+    drawn = [sample(cset, sampling, query_rng(seed, query)) for query in shard]
+    prompts = [template.render(c.text, q.text) for q, d in zip(shard, drawn, strict=False) for c in d.constitutions]
+    completions = backend.generate(prompts)
+    rows, per_query = [], len(drawn[0].constitutions) if drawn else 0
+    for position, (query, constitutions) in enumerate(zip(shard, drawn, strict=False)):
+        mine = completions[position * per_query:(position + 1) * per_query]
+        rows.append({
+            "id": query.id, "query": query.text, "constitutions": constitutions.texts(),
+            "responses": [c.text for c in mine],
+            "metadata": {"principles": list(constitutions.constitutions[0].principles),
+                         "signs": [list(c.signs) for c in constitutions.constitutions],
+                         "finished": [c.finished for c in mine], "num_tokens": [c.num_tokens for c in mine]},
+        })
+    return rows
+
+
+def read_shards(paths: list[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with path.open() as handle:
+            rows += [json.loads(line) for line in handle if line.strip()]
+    return rows

@@ -1,0 +1,417 @@
+"""The expert-iteration driver (``sami-iterate``): generate, filter, train, export, evaluate.
+
+For iteration t = 1..T: the model of iteration t-1 (t = 1: the base model) generates one
+response per (query, constitution) on a fresh, disjoint query set; the records are filtered;
+the BASE model (or, with ``train_from=previous``, the last iteration's) is trained on them with
+``sami-train`` for a few steps; the result is exported to HF and its mutual information is
+evaluated on held-out queries (the base model is evaluated once, as iteration 0).
+
+Every phase records its completion in ``state.json`` (written atomically); a rerun of the same
+command skips completed phases and resumes inside an incomplete one (generation keeps finished
+shards, training resumes from its last checkpoint). Training and export run as subprocesses
+through the configured launcher (torchrun locally, srun on Slurm); generation, filtering and
+evaluation run in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.expert import mi
+from megatron_sami.expert.constitutions import (
+    ConstitutionSet,
+    SamplingConfig,
+    evaluation_constitutions,
+    load_constitution_set,
+    validate_sampling,
+)
+from megatron_sami.expert.filters import FilterConfig, filter_records
+from megatron_sami.expert.generation import (
+    GenerationConfig,
+    check_backend_available,
+    generate_records,
+    make_backend,
+    read_shards,
+    write_jsonl_atomic,
+)
+from megatron_sami.expert.queries import Query, QuerySourceConfig, load_queries, split_queries
+from megatron_sami.models.catalogue import config_dir
+from megatron_sami.runtime.distributed import logger
+from megatron_sami.sami.data import PromptTemplate, parse_record
+
+TRAIN_FROM = ("base", "previous")
+
+
+class PhaseError(SamiError):
+    """A phase's subprocess failed; its own output says why."""
+
+
+@dataclass
+class BaseModelConfig:
+    hf: str | None = None  # HF directory of the base model
+    checkpoint: str | None = None  # converted Megatron checkpoint (made from ``hf`` when null)
+
+
+@dataclass
+class LauncherConfig:
+    nproc_per_node: int = 1
+    prefix: str | None = None  # e.g. "srun --kill-on-bad-exit=1"; null: torchrun --standalone
+
+    def command(self, module: str, args: list[str]) -> list[str]:
+        if self.prefix:
+            return shlex.split(self.prefix) + [sys.executable, "-m", module, *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                str(self.nproc_per_node), "-m", module, *args]
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    num_queries: int = 16
+    principles_per_query: int = 2  # two principles -> the paper's C = 4 sign patterns
+    max_new_tokens: int = 0  # 0: generation.max_new_tokens
+
+
+@dataclass
+class IterateConfig:
+    run_dir: str = "???"
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
+    iterations: int = 3
+    queries_per_iteration: int = 128
+    seed: int = 1234
+    train_from: str = "base"
+    constitutions: str = "dialogue"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    queries: QuerySourceConfig = field(default_factory=QuerySourceConfig)
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    export_dtype: str | None = None
+    train: dict = field(default_factory=dict)  # sami-train overrides (see configs/train.yaml)
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.queries_per_iteration < 1:
+            raise ConfigError("iterations and queries_per_iteration must be >= 1.")
+        if self.train_from not in TRAIN_FROM:
+            raise ConfigError(f"train_from '{self.train_from}' is unknown; use base or previous.")
+        if not self.base.hf and not self.base.checkpoint:
+            raise ConfigError("set base.hf (an HF model directory) or base.checkpoint (a converted checkpoint).")
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def override(key: str, value: object) -> str:
+    if value is None:
+        return f"{key}=null"
+    if isinstance(value, bool):
+        return f"{key}={str(value).lower()}"
+    if isinstance(value, str):
+        return f"{key}={json.dumps(value)}"
+    return f"{key}={value}"
+
+
+class Run:
+    """One run directory: its state, paths and phases."""
+
+    def __init__(self, cfg: IterateConfig, resolved_yaml: str) -> None:
+        self.cfg = cfg
+        self.dir = Path(cfg.run_dir)
+        self.cset: ConstitutionSet = load_constitution_set(cfg.constitutions)
+        validate_sampling(self.cset, cfg.sampling)
+        self._check_eval_sampling()
+        self._check_train_overrides()
+        self._check_paths()
+        check_backend_available(cfg.generation)
+        self._claim(resolved_yaml)
+        self.state = json.loads((self.dir / "state.json").read_text()) if (self.dir / "state.json").exists() \
+            else {"phases": {}}
+        self.started = time.perf_counter()
+
+    # -- set-up -------------------------------------------------------------------------------------
+    def _check_eval_sampling(self) -> None:
+        if self.cfg.evaluation.enabled:
+            for split in self.eval_splits():
+                validate_sampling(self.cset, self.eval_sampling(split))
+
+    def _check_train_overrides(self) -> None:
+        from megatron_sami.sami.trainer import TrainConfig
+        from megatron_sami.typed_config import to_typed
+
+        values = OmegaConf.merge(OmegaConf.load(config_dir() / "train.yaml"),
+                                 {"template": OmegaConf.structured(self.cfg.template)})
+        values = {k: v for k, v in OmegaConf.to_container(values).items() if k not in ("defaults", "hydra")}
+        values.update(checkpoint="-", run_dir="-")
+        values["data"]["records"] = "-"
+        merged = OmegaConf.merge(values, self.cfg.train)
+        to_typed(TrainConfig, merged, "train")
+
+    def _check_paths(self) -> None:
+        if self.cfg.base.hf and not (Path(self.cfg.base.hf) / "config.json").is_file():
+            raise ConfigError(f"base.hf={self.cfg.base.hf} is not an HF model directory (no config.json); check the "
+                              f"path.")
+        if self.cfg.base.checkpoint and not (Path(self.cfg.base.checkpoint) / "model.yaml").is_file():
+            raise ConfigError(f"base.checkpoint={self.cfg.base.checkpoint} is not a converted checkpoint (no "
+                              f"model.yaml); convert it with sami-convert hf-to-megatron or set base.hf instead.")
+
+    def _claim(self, resolved_yaml: str) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        saved, state = self.dir / "config.yaml", self.dir / "state.json"
+        started = state.exists() and json.loads(state.read_text())["phases"]
+        if started and saved.exists() and saved.read_text() != resolved_yaml:
+            old, new = flatten(OmegaConf.to_container(OmegaConf.create(saved.read_text()))), \
+                flatten(OmegaConf.to_container(OmegaConf.create(resolved_yaml)))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"{self.dir} holds a run with a different configuration (changed: "
+                              f"{', '.join(changed[:6])}); rerun with the same overrides to resume, or use a new "
+                              f"run_dir.")
+        saved.write_text(resolved_yaml)
+
+    def eval_splits(self) -> list[str]:
+        splits = ["train"]
+        if any(p.split == "heldout" for p in self.cset.principles):
+            splits.append("heldout")
+        return splits
+
+    def eval_sampling(self, split: str) -> SamplingConfig:
+        available = len(self.cset.pool(split))
+        count = min(self.cfg.evaluation.principles_per_query, available)
+        return SamplingConfig(num_constitutions=2 ** count, principles_per_query=count, split=split)
+
+    # -- bookkeeping --------------------------------------------------------------------------------
+    def done(self, phase: str) -> bool:
+        return phase in self.state["phases"]
+
+    def record(self, phase: str, result: dict) -> None:
+        self.state["phases"][phase] = result | {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json_atomic(self.dir / "state.json", self.state)
+        self.write_summary()
+
+    def result(self, phase: str) -> dict:
+        return self.state["phases"][phase]
+
+    # -- paths --------------------------------------------------------------------------------------
+    def base_checkpoint(self) -> Path:
+        return Path(self.cfg.base.checkpoint) if self.cfg.base.checkpoint else self.dir / "base" / "megatron"
+
+    def base_hf(self) -> Path:
+        return Path(self.cfg.base.hf) if self.cfg.base.hf else self.dir / "base" / "hf"
+
+    def model_hf(self, iteration: int) -> Path:
+        return self.base_hf() if iteration == 0 else self.dir / f"iter{iteration}" / "hf"
+
+    def train_dir(self, iteration: int) -> Path:
+        return self.dir / f"iter{iteration}" / "train"
+
+    def final_checkpoint(self, iteration: int) -> Path:
+        train_dir = self.train_dir(iteration)
+        return train_dir / "checkpoints" / (train_dir / "checkpoints" / "latest").read_text().strip()
+
+    # -- running ------------------------------------------------------------------------------------
+    def phases(self) -> list[tuple[str, Callable[[], dict]]]:
+        phases = [("queries", self.split), ("prepare", self.prepare)]
+        if self.cfg.evaluation.enabled:
+            phases.append(("iter0/evaluate", lambda: self.evaluate(0)))
+        for t in range(1, self.cfg.iterations + 1):
+            phases += [(f"iter{t}/generate", lambda t=t: self.generate(t)),
+                       (f"iter{t}/filter", lambda t=t: self.filter(t)),
+                       (f"iter{t}/train", lambda t=t: self.train(t)),
+                       (f"iter{t}/export", lambda t=t: self.export(t))]
+            if self.cfg.evaluation.enabled:
+                phases.append((f"iter{t}/evaluate", lambda t=t: self.evaluate(t)))
+        return phases
+
+    def run(self) -> dict:
+        phases = self.phases()
+        for number, (name, action) in enumerate(phases, start=1):
+            if self.done(name):
+                logger.info("[iterate] phase %d/%d %s: already complete", number, len(phases), name)
+                continue
+            logger.info("[iterate] phase %d/%d %s (elapsed %.0f s)", number, len(phases), name,
+                        time.perf_counter() - self.started)
+            phase_start = time.perf_counter()
+            result = action()
+            self.record(name, result | {"seconds": round(time.perf_counter() - phase_start, 1)})
+        self.write_samples()
+        return self.summary()
+
+    def launch(self, phase: str, module: str, args: list[str], log_name: str) -> None:
+        command = self.cfg.launcher.command(module, args)
+        logger.info("[iterate] %s: %s", phase, shlex.join(command))
+        process = subprocess.run(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        if process.returncode != 0:
+            raise PhaseError(f"phase {phase} failed with exit code {process.returncode} (its output is above); fix "
+                             f"the cause and rerun the same command to resume at this phase.")
+
+    # -- phases -------------------------------------------------------------------------------------
+    def prepare(self) -> dict:
+        if not self.cfg.base.checkpoint:
+            self.launch("prepare", "megatron_sami.cli.convert",
+                        ["hf-to-megatron", str(self.base_hf()), str(self.base_checkpoint()), "--overwrite"], "convert")
+        elif not self.cfg.base.hf:
+            self.launch("prepare", "megatron_sami.cli.convert",
+                        ["megatron-to-hf", str(self.base_checkpoint()), str(self.base_hf()), "--overwrite"], "export")
+        return {"base_hf": str(self.base_hf()), "base_checkpoint": str(self.base_checkpoint())}
+
+    def split(self) -> dict:
+        queries = load_queries(self.cfg.queries)
+        num_eval = self.cfg.evaluation.num_queries if self.cfg.evaluation.enabled else 0
+        split = split_queries(queries, self.cfg.iterations, self.cfg.queries_per_iteration, num_eval, self.cfg.seed)
+        out = self.dir / "queries"
+        out.mkdir(exist_ok=True)
+        write_jsonl_atomic(out / "eval.jsonl", [vars(q) for q in split.evaluation])
+        for t, chunk in enumerate(split.per_iteration, start=1):
+            write_jsonl_atomic(out / f"iter{t}.jsonl", [vars(q) for q in chunk])
+        return {"source": self.cfg.queries.source, "available": len(queries), "eval": len(split.evaluation),
+                "per_iteration": self.cfg.queries_per_iteration}
+
+    def queries(self, name: str) -> list[Query]:
+        with (self.dir / "queries" / f"{name}.jsonl").open() as handle:
+            return [Query(**json.loads(line)) for line in handle if line.strip()]
+
+    def backend_factory(self, model_dir: Path, generation: GenerationConfig):
+        return lambda: make_backend(model_dir, generation)
+
+    def generate(self, t: int) -> dict:
+        model_dir = self.model_hf(t - 1)
+        shards = generate_records(self.backend_factory(model_dir, self.cfg.generation), self.queries(f"iter{t}"),
+                                  self.cset, self.cfg.sampling, self.cfg.template, self.dir / f"iter{t}" / "generated",
+                                  self.cfg.generation.shard_size, self.cfg.seed + t)
+        return {"model": str(model_dir), "shards": len(shards)}
+
+    def filter(self, t: int) -> dict:
+        from megatron_sami.sami.data import DataError
+
+        rows = read_shards(sorted((self.dir / f"iter{t}" / "generated").glob("shard-*.jsonl")))
+        kept, counts = filter_records(rows, self.cfg.filters)
+        logger.info("[iterate] iter%d filters: %s", t, ", ".join(f"{k} {v}" for k, v in counts.items()))
+        needed = int(self.cfg.train.get("queries_per_step", 8))
+        if len(kept) < needed:
+            raise DataError(f"iteration {t}: only {len(kept)} of {len(rows)} records passed the filters ({counts}); "
+                            f"training needs at least queries_per_step={needed}: raise queries_per_iteration or "
+                            f"max_new_tokens, or relax the filters.")
+        write_jsonl_atomic(self.dir / f"iter{t}" / "records.jsonl", kept)
+        return {"counts": counts}
+
+    def train(self, t: int) -> dict:
+        source = self.base_checkpoint() if self.cfg.train_from == "base" or t == 1 else self.final_checkpoint(t - 1)
+        args = [override("checkpoint", str(source)), override("data.records", str(self.dir / f"iter{t}" / "records.jsonl")),
+                override("run_dir", str(self.train_dir(t))), f"template={self.cfg.template.name}",
+                *[override(k, v) for k, v in flatten(self.cfg.train).items()]]
+        self.launch(f"iter{t}/train", "megatron_sami.cli.train", args, "train")
+        metrics = (self.train_dir(t) / "metrics.jsonl").read_text().splitlines()
+        return {"checkpoint": str(self.final_checkpoint(t)), "trained_from": str(source),
+                "last_step": json.loads(metrics[-1])}
+
+    def export(self, t: int) -> dict:
+        args = ["megatron-to-hf", str(self.final_checkpoint(t)), str(self.model_hf(t)), "--overwrite"]
+        if self.cfg.export_dtype:
+            args += ["--dtype", self.cfg.export_dtype]
+        single = LauncherConfig(nproc_per_node=1, prefix=self.cfg.launcher.prefix)
+        command = single.command("megatron_sami.cli.convert", args)
+        logger.info("[iterate] iter%d/export: %s", t, shlex.join(command))
+        if subprocess.run(command).returncode != 0:
+            raise PhaseError(f"phase iter{t}/export failed (its output is above); rerun the same command to resume.")
+        return {"hf": str(self.model_hf(t))}
+
+    def evaluate(self, t: int) -> dict:
+        model_dir = self.model_hf(t)
+        generation = GenerationConfig(**{**vars(self.cfg.generation), "temperature": 0.0,
+                                         "max_new_tokens": self.cfg.evaluation.max_new_tokens
+                                         or self.cfg.generation.max_new_tokens})
+        results = {}
+        for split in self.eval_splits():
+            label = "learned" if split == "train" else "heldout"
+            shards = generate_records(self.backend_factory(model_dir, generation), self.queries("eval"), self.cset,
+                                      self.eval_sampling(split), self.cfg.template,
+                                      self.dir / "eval" / f"iter{t}-{label}", generation.shard_size,
+                                      self.cfg.seed, sample=evaluation_constitutions)
+            records = [parse_record(json.dumps(row), f"eval iter{t}") for row in read_shards(shards)
+                       if all(r.strip() for r in row["responses"])]
+            if not records:
+                raise SamiError(f"iteration {t}: every evaluation response was empty; raise max_new_tokens.")
+            results[label] = mi.evaluate_records(model_dir, records, self.cfg.template)
+            logger.info("[iterate] iter%d MI (%s principles, %d queries): InfoNCE bound %.3f +- %.3f nats, paper "
+                        "estimator %.2f +- %.2f nats", t, label, len(records), results[label]["info_nce_bound"]["mean"],
+                        results[label]["info_nce_bound"]["se"], results[label]["paper_mi"]["mean"],
+                        results[label]["paper_mi"]["se"])
+        return {"mi": results}
+
+    # -- reports ------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        phases = self.state["phases"]
+        rows = []
+        for t in range(0, self.cfg.iterations + 1):
+            row: dict = {"iteration": t}
+            if f"iter{t}/filter" in phases:
+                row["filter"] = phases[f"iter{t}/filter"]["counts"]
+            if f"iter{t}/train" in phases:
+                row["train_last_step"] = phases[f"iter{t}/train"]["last_step"]
+                row["checkpoint"] = phases[f"iter{t}/train"]["checkpoint"]
+            if f"iter{t}/export" in phases:
+                row["hf"] = phases[f"iter{t}/export"]["hf"]
+            if f"iter{t}/evaluate" in phases:
+                row["mi"] = phases[f"iter{t}/evaluate"]["mi"]
+            if len(row) > 1:
+                rows.append(row)
+        complete = all(self.done(name) for name, _ in self.phases())
+        return {"run_dir": str(self.dir), "complete": complete, "constitutions": self.cset.name,
+                "estimators": {"info_nce_bound": "log C - InfoNCE loss from mean log-probs, capped at log C",
+                               "paper_mi": "(1/C) sum_j [S[j,j] - mean_k S[k,j]] from summed log-probs (uncapped)"},
+                "iterations": rows}
+
+    def write_summary(self) -> None:
+        summary = self.summary()
+        write_json_atomic(self.dir / "summary.json", summary)
+        if any("mi" in row for row in summary["iterations"]):
+            mi.plot_mi(summary["iterations"], self.dir / "mi.png")
+
+    def write_samples(self, count: int = 3) -> None:
+        """Side-by-side responses of the base model and the last iteration (positive and negative)."""
+        last = self.cfg.iterations
+        base_dir, last_dir = self.dir / "eval" / "iter0-learned", self.dir / "eval" / f"iter{last}-learned"
+        if not (base_dir.is_dir() and last_dir.is_dir()):
+            return
+        base_rows = read_shards(sorted(base_dir.glob("shard-*.jsonl")))[:count]
+        last_rows = {row["id"]: row for row in read_shards(sorted(last_dir.glob("shard-*.jsonl")))}
+        lines = [f"# Sample responses: base model vs iteration {last}", ""]
+        for row in base_rows:
+            other = last_rows.get(row["id"])
+            if other is None:
+                continue
+            lines += [f"## Query: {row['query']}", ""]
+            for index, label in ((0, "positive"), (len(row["constitutions"]) - 1, "negative")):
+                lines += [f"### {label} constitution", "", "```", row["constitutions"][index], "```", "",
+                          f"- base: {row['responses'][index]}", f"- iteration {last}: {other['responses'][index]}", ""]
+        (self.dir / "samples.md").write_text("\n".join(lines))
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    staging = path.with_name(path.name + ".incomplete")
+    staging.write_text(json.dumps(value, indent=2) + "\n")
+    staging.replace(path)
+
+
+def run_iterations(cfg: IterateConfig, resolved_yaml: str) -> dict:
+    return Run(cfg, resolved_yaml).run()

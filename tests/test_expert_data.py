@@ -1,0 +1,224 @@
+"""Expert-iteration data: constitutions and their sampling, query sources, filters, principle parsing."""
+
+import itertools
+import json
+import random
+from collections import Counter
+
+import pytest
+
+from megatron_sami.errors import ConfigError
+from megatron_sami.expert.constitutions import (
+    SamplingConfig,
+    all_sign_patterns,
+    available_sets,
+    evaluation_constitutions,
+    load_constitution_set,
+    sample_constitutions,
+    validate_sampling,
+)
+from megatron_sami.expert.filters import FilterConfig, filter_records
+from megatron_sami.expert.principles import Draft, accept, parse_drafts, to_constitution_yaml
+from megatron_sami.expert.queries import (
+    QueryDataError,
+    QuerySourceConfig,
+    first_human_turn,
+    load_queries,
+    split_queries,
+)
+
+
+def write_set(path, principles):
+    lines = ["name: custom", "task: dialogue", "principles:"]
+    for p in principles:
+        lines.append(f"  - name: {p['name']}")
+        for key in ("definition", "antithesis", "split"):
+            if key in p:
+                lines.append(f"    {key}: \"{p[key]}\"")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def three_principles(tmp_path):
+    return load_constitution_set(write_set(tmp_path / "three.yaml", [
+        {"name": n, "definition": f"Be {n}.", "antithesis": f"Be not {n}."} for n in ("a", "b", "c")]))
+
+
+# -- constitutions --------------------------------------------------------------------------------
+
+def test_shipped_sets_have_the_promised_shape():
+    assert {"dialogue", "summarization", "diverse_summarization"} <= set(available_sets())
+    dialogue, summary = load_constitution_set("dialogue"), load_constitution_set("summarization")
+    assert [p.name for p in dialogue.principles] == ["helpful", "harmless"]
+    assert [p.name for p in summary.principles] == ["concise", "comprehensive"]
+    diverse = load_constitution_set("diverse_summarization")
+    assert Counter(p.split for p in diverse.principles) == {"train": 15, "heldout": 5}
+    for cset in (dialogue, summary, diverse):
+        assert all(p.definition != p.antithesis for p in cset.principles)
+
+
+def test_two_constitutions_are_the_positive_and_a_negation_of_one_or_both(tmp_path):
+    cset = load_constitution_set("dialogue")
+    seen_negatives = Counter()
+    for seed in range(200):
+        drawn = sample_constitutions(cset, SamplingConfig(num_constitutions=2), random.Random(seed)).constitutions
+        assert len(drawn) == 2 and drawn[0].is_positive and not drawn[1].is_positive
+        assert drawn[0].principles == drawn[1].principles  # same shuffled order in both
+        by_name = {p.name: p for p in cset.principles}
+        for number, (name, sign) in enumerate(zip(drawn[1].principles, drawn[1].signs, strict=True), start=1):
+            assert f"{number}. {by_name[name].text(sign)}" in drawn[1].text.splitlines()
+        seen_negatives[drawn[1].signs] += 1
+    assert set(seen_negatives) == {(False, False), (True, False), (False, True)}  # all three negations occur
+    orders = {sample_constitutions(cset, SamplingConfig(), random.Random(s)).constitutions[0].principles
+              for s in range(50)}
+    assert len(orders) == 2  # the principle order is shuffled
+
+
+def test_sampling_is_reproducible_from_the_seed(tmp_path):
+    cset = three_principles(tmp_path)
+    cfg = SamplingConfig(num_constitutions=5)
+    first = sample_constitutions(cset, cfg, random.Random(7)).texts()
+    assert first == sample_constitutions(cset, cfg, random.Random(7)).texts()
+    assert any(sample_constitutions(cset, cfg, random.Random(s)).texts() != first for s in range(8, 20))
+
+
+def test_more_than_two_constitutions_are_distinct_flip_patterns(tmp_path):
+    cset = three_principles(tmp_path)
+    for seed in range(50):
+        drawn = sample_constitutions(cset, SamplingConfig(num_constitutions=8), random.Random(seed)).constitutions
+        assert drawn[0].is_positive and len({c.signs for c in drawn}) == 8  # every pattern exactly once
+
+
+def test_c_larger_than_the_principles_allow_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="larger than the constitutions allow"):
+        validate_sampling(load_constitution_set("dialogue"), SamplingConfig(num_constitutions=5))
+    with pytest.raises(ConfigError, match="exceeds"):
+        validate_sampling(load_constitution_set("dialogue"), SamplingConfig(principles_per_query=3))
+
+
+def test_a_principle_without_antithesis_is_refused(tmp_path):
+    path = write_set(tmp_path / "bad.yaml", [{"name": "kind", "definition": "Be kind."}])
+    with pytest.raises(ConfigError, match="'kind' has no antithesis"):
+        load_constitution_set(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_constitution_set("no-such-set")
+
+
+def test_evaluation_uses_every_sign_pattern_with_the_positive_first():
+    assert all_sign_patterns(2) == [(True, True), (False, True), (True, False), (False, False)]
+    cset = load_constitution_set("diverse_summarization")
+    drawn = evaluation_constitutions(cset, SamplingConfig(num_constitutions=4, principles_per_query=2,
+                                                          split="heldout"), random.Random(0)).constitutions
+    heldout = {p.name for p in cset.principles if p.split == "heldout"}
+    assert len(drawn) == 4 and drawn[0].is_positive and not any(drawn[-1].signs)
+    assert set(drawn[0].principles) <= heldout
+
+
+# -- queries --------------------------------------------------------------------------------------
+
+def hh_row(human, assistant="Sure."):
+    text = f"\n\nHuman: {human}\n\nAssistant: {assistant}\n\nHuman: and then?\n\nAssistant: done"
+    return {"chosen": text, "rejected": text.replace(assistant, "No.")}
+
+
+def test_hh_rlhf_first_human_turn_from_the_hub_layout(tmp_path):
+    import gzip
+
+    (tmp_path / "helpful-base").mkdir()
+    rows = [hh_row(f"question {i}?") for i in range(5)]
+    with gzip.open(tmp_path / "helpful-base" / "train.jsonl.gz", "wt") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    queries = load_queries(QuerySourceConfig(source="hh-rlhf", path=str(tmp_path), subset="helpful-base"))
+    assert [q.text for q in queries] == [f"question {i}?" for i in range(5)]
+    assert first_human_turn("\n\nHuman: hi there\n\nAssistant: hello") == "hi there"
+
+
+def test_tldr_posts_are_deduplicated_by_id_and_parquet_works(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"info": {"id": f"t{i % 3}", "post": f"post {i % 3}", "title": "x", "subreddit": "r"},
+             "summaries": [{"text": "a"}, {"text": "b"}], "choice": 0} for i in range(7)]
+    (tmp_path / "tldr").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "tldr" / "train.parquet")
+    queries = load_queries(QuerySourceConfig(source="tldr", path=str(tmp_path / "tldr")))
+    assert [(q.id, q.text) for q in queries] == [("t0", "post 0"), ("t1", "post 1"), ("t2", "post 2")]
+
+
+def test_local_jsonl_and_builtin_sets(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"p{i}", "key": i}) + "\n" for i in range(4)))
+    queries = load_queries(QuerySourceConfig(source="jsonl", path=str(path), field="prompt", id_field="key"))
+    assert [(q.id, q.text) for q in queries] == [("0", "p0"), ("1", "p1"), ("2", "p2"), ("3", "p3")]
+    with pytest.raises(QueryDataError, match="no 'question' column"):
+        load_queries(QuerySourceConfig(source="jsonl", path=str(path), field="question"))
+    builtin = load_queries(QuerySourceConfig(source="builtin", name="dialogue"))
+    assert len(builtin) >= 64 and len({q.id for q in builtin}) == len(builtin)
+
+
+def test_missing_or_unknown_sources_are_one_sentence(tmp_path):
+    with pytest.raises(QueryDataError, match="does not exist"):
+        load_queries(QuerySourceConfig(source="jsonl", path=str(tmp_path / "absent.jsonl")))
+    with pytest.raises(QueryDataError, match="unknown built-in query set"):
+        load_queries(QuerySourceConfig(source="builtin", name="nope"))
+    with pytest.raises(ConfigError, match="unknown query source 'hub'"):
+        QuerySourceConfig(source="hub")
+
+
+def test_query_sets_per_iteration_are_disjoint_and_seeded(tmp_path):
+    queries = load_queries(QuerySourceConfig(source="builtin", name="dialogue"))
+    split = split_queries(queries, iterations=3, per_iteration=10, num_eval=8, seed=1)
+    groups = [split.evaluation, *split.per_iteration]
+    ids = [q.id for group in groups for q in group]
+    assert [len(g) for g in groups] == [8, 10, 10, 10] and len(set(ids)) == len(ids)
+    assert split == split_queries(queries, 3, 10, 8, seed=1)
+    assert split != split_queries(queries, 3, 10, 8, seed=2)
+    with pytest.raises(QueryDataError, match="distinct queries"):
+        split_queries(queries, iterations=100, per_iteration=10, num_eval=0, seed=1)
+
+
+# -- filters ----------------------------------------------------------------------------------------
+
+def record(positive, negative, finished=(True, True)):
+    return {"id": "x", "query": "q", "constitutions": ["c+", "c-"], "responses": [positive, negative],
+            "metadata": {"finished": list(finished)}}
+
+
+def test_filters_count_each_reason_once():
+    cases = {
+        "kept": record("Here is how.", "No."),
+        "empty": record("Fine.", "  "),
+        "truncated": record("Here is how", "No.", finished=(False, True)),
+        "debris": record("Sure. [insert answer]", "No."),
+        "no_sentence_end": record("Here is how", "No."),
+        "identical": record("Same answer.", "Same answer."),
+    }
+    kept, counts = filter_records(list(cases.values()), FilterConfig())
+    assert kept == [cases["kept"]]
+    assert counts == {"input": 6, "empty": 1, "truncated": 1, "debris": 1, "no_sentence_end": 1, "identical": 1,
+                      "kept": 1}
+    assert filter_records([record('He said "stop."', "No")], FilterConfig())[1]["kept"] == 1  # closing quote
+    relaxed = FilterConfig(require_sentence_end=False, drop_truncated=False)
+    assert filter_records([cases["truncated"], cases["no_sentence_end"]], relaxed)[1]["kept"] == 2
+
+
+# -- principle writer -------------------------------------------------------------------------------
+
+def test_principle_drafts_are_parsed_validated_and_saved(tmp_path):
+    text = (" The summary is brief.\nAntithesis: The summary rambles.\n\nPrinciple: The summary is brief.\n"
+            "Antithesis: The summary is long.\nPrinciple: Same.\nAntithesis: same.\nPrinciple: The summary cites "
+            "numbers.\nAntithesis: The summary drops numbers.\n")
+    drafts = parse_drafts(text)
+    assert drafts[0] == Draft("The summary is brief.", "The summary rambles.") and len(drafts) == 4
+    kept, rejected = accept(drafts, existing=set())
+    assert [d.definition for d in kept] == ["The summary is brief.", "The summary cites numbers."]
+    assert rejected == {"duplicate": 1, "antithesis equals principle": 1}
+    path = tmp_path / "mine.yaml"
+    path.write_text(to_constitution_yaml("mine", "summarization", kept, heldout=1))
+    cset = load_constitution_set(str(path))
+    assert [p.split for p in cset.principles] == ["train", "heldout"]
+    assert cset.principles[1].antithesis == "The summary drops numbers."
+
+
+def test_all_flip_patterns_helper_matches_itertools():
+    assert sorted(all_sign_patterns(3)) == sorted(itertools.product((True, False), repeat=3))

@@ -1,0 +1,156 @@
+"""sami-iterate end to end on a tiny random model: two iterations, rerun, kills and resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
+
+pytestmark = pytest.mark.slow
+
+QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("iterate")
+    corpus = QUERIES * 4 + ["The assistant helps. Human: Assistant: Constitution: answer harm avoid dodge"] * 8
+    tokenizer = make_tiny_tokenizer(root / "hf", corpus=corpus)
+    make_tiny_hf_model("llama", root / "hf", vocab_size=len(tokenizer), max_position_embeddings=512)
+    with (root / "queries.jsonl").open("w") as handle:
+        handle.writelines(json.dumps({"id": f"q{i}", "query": q}) + "\n" for i, q in enumerate(QUERIES))
+    return root
+
+
+def iterate_command(tiny: Path, run_dir: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "megatron_sami.cli.iterate", f"run_dir={run_dir}", f"base.hf={tiny / 'hf'}",
+            "iterations=2", "queries_per_iteration=4", "queries.source=jsonl", f"queries.path={tiny / 'queries.jsonl'}",
+            "evaluation.num_queries=3", "generation.max_new_tokens=12", "generation.shard_size=1",
+            "filters.debris=[]", "filters.require_sentence_end=false", "filters.drop_truncated=false",
+            "filters.drop_identical=false", "train.steps=2", "train.queries_per_step=2", "train.save_interval=1",
+            "train.data.seq_length=256", "train.precision.params_dtype=fp32", "train.optimizer.lr=1e-3",
+            "train.optimizer.use_distributed_optimizer=false", *overrides]
+
+
+def run(command, timeout=900):
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny):
+    run_dir = tiny / "run"
+    run(iterate_command(tiny, run_dir))
+    return run_dir
+
+
+def test_two_iterations_complete_with_everything_in_one_run_directory(finished_run):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["complete"]
+    rows = {row["iteration"]: row for row in summary["iterations"]}
+    assert sorted(rows) == [0, 1, 2]
+    for t in (1, 2):
+        assert rows[t]["filter"]["input"] == 4 and rows[t]["filter"]["kept"] <= 4
+        assert rows[t]["train_last_step"]["step"] == 2
+        assert (Path(rows[t]["hf"]) / "config.json").is_file()
+    for t in (0, 1, 2):
+        for key in ("info_nce_bound", "paper_mi"):
+            assert rows[t]["mi"]["learned"][key]["n"] == 3
+    assert (finished_run / "mi.png").stat().st_size > 0 and (finished_run / "config.yaml").is_file()
+    # disjoint query sets; iteration 2 generated with iteration 1's model; both trained from the base
+    ids = [{r["id"] for r in read_jsonl(finished_run / "queries" / f"{name}.jsonl")} for name in ("eval", "iter1", "iter2")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    state = json.loads((finished_run / "state.json").read_text())["phases"]
+    assert state["iter2/generate"]["model"] == str(finished_run / "iter1" / "hf")
+    assert state["iter2/train"]["trained_from"] == state["iter1/train"]["trained_from"] == \
+        str(finished_run / "base" / "megatron")
+    records = read_jsonl(finished_run / "iter1" / "records.jsonl")
+    assert all(len(r["constitutions"]) == len(r["responses"]) == 2 for r in records)
+
+
+def test_rerunning_a_finished_run_does_no_work(tiny, finished_run):
+    before = (finished_run / "state.json").read_text()
+    result = run(iterate_command(tiny, finished_run))
+    assert result.stderr.count("already complete") == 13
+    assert "runtime:" not in result.stderr  # no conversion, training or export was launched
+    assert (finished_run / "state.json").read_text() == before
+
+
+def wait_for(path_glob: Path, process, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(path_glob.parent.glob(path_glob.name)):
+            return
+        assert process.poll() is None, "the run ended before the kill point"
+        time.sleep(0.02)
+    raise AssertionError(f"{path_glob} never appeared")
+
+
+def kill(process):
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_kills_in_generation_and_training_resume_to_the_same_result(tiny, finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    command = iterate_command(tiny, run_dir)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(run_dir / "iter1" / "generated" / "shard-00000.jsonl", process)
+    kill(process)
+    phases = json.loads((run_dir / "state.json").read_text())["phases"]
+    assert "iter1/generate" not in phases
+    shards_after_kill = len(list((run_dir / "iter1" / "generated").glob("shard-*.jsonl")))
+    assert 1 <= shards_after_kill < 4
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(run_dir / "iter1" / "train" / "checkpoints" / "step_000001", process)
+    kill(process)
+    assert "iter1/train" not in json.loads((run_dir / "state.json").read_text())["phases"]
+
+    result = run(command)
+    assert "resumed from" in result.stderr
+    for t in (1, 2):
+        assert read_jsonl(run_dir / f"iter{t}" / "records.jsonl") == read_jsonl(finished_run / f"iter{t}" / "records.jsonl")
+        assert_same_training(run_dir, finished_run, t)
+    resumed = json.loads((run_dir / "summary.json").read_text())["iterations"]
+    reference = json.loads((finished_run / "summary.json").read_text())["iterations"]
+    assert [r["mi"] for r in resumed] == [r["mi"] for r in reference]
+
+
+def assert_same_training(run_dir, reference, t):
+    """Bit-identical losses and gradient norms step by step (timings aside)."""
+    keys = ("step", "loss", "loss_row", "loss_col", "grad_norm", "mi_bound_nats")
+    mine = [{k: r[k] for k in keys} for r in read_jsonl(run_dir / f"iter{t}" / "train" / "metrics.jsonl")]
+    theirs = [{k: r[k] for k in keys} for r in read_jsonl(reference / f"iter{t}" / "train" / "metrics.jsonl")]
+    assert mine == theirs
+
+
+@pytest.mark.parametrize("override, message", [
+    ("queries.source=hub", "unknown query source 'hub'"),
+    ("queries.path=/nonexistent/queries.jsonl", "does not exist"),
+    ("sampling.num_constitutions=5", "larger than the constitutions allow"),
+    ("generation.backend=vllm", "'vllm' is not installed"),
+    ("constitutions=no-such-set", "not found"),
+    ("constitutions=NO_ANTITHESIS", "has no antithesis"),
+    ("base.hf=/nonexistent/model", "is not an HF model directory"),
+])
+def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path, override, message):
+    run_dir = tmp_path / "bad"
+    if "NO_ANTITHESIS" in override:
+        (tmp_path / "one.yaml").write_text("name: one\nprinciples:\n  - name: kind\n    definition: Be kind.\n")
+        override = override.replace("NO_ANTITHESIS", str(tmp_path / "one.yaml"))
+    result = subprocess.run(iterate_command(tiny, run_dir, override), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (run_dir / "state.json").exists()
