@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_sami.expert.constitutions import load_constitution_set
+from megatron_sami.models.catalogue import config_dir
 from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -20,8 +22,11 @@ QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("iterate")
-    corpus = QUERIES * 4 + ["The assistant helps. Human: Assistant: Constitution: answer harm avoid dodge"] * 8
-    tokenizer = make_tiny_tokenizer(root / "hf", corpus=corpus)
+    # The tokenizer learns the prompt's own words, so prompts stay short in tokens.
+    template = (config_dir() / "template" / "dialogue.yaml").read_text()
+    principles = [text for p in load_constitution_set("dialogue").principles for text in (p.definition, p.antithesis)]
+    corpus = (QUERIES + [template] + principles) * 8
+    tokenizer = make_tiny_tokenizer(root / "hf", vocab_size=600, corpus=corpus)
     make_tiny_hf_model("llama", root / "hf", vocab_size=len(tokenizer), max_position_embeddings=512)
     with (root / "queries.jsonl").open("w") as handle:
         handle.writelines(json.dumps({"id": f"q{i}", "query": q}) + "\n" for i, q in enumerate(QUERIES))
@@ -141,8 +146,8 @@ def assert_same_training(run_dir, reference, t):
     ("queries.path=/nonexistent/queries.jsonl", "does not exist"),
     ("sampling.num_constitutions=5", "larger than the constitutions allow"),
     ("generation.backend=vllm", "'vllm' is not installed"),
-    ("constitutions=no-such-set", "not found"),
-    ("constitutions=NO_ANTITHESIS", "has no antithesis"),
+    ("constitution_set=no-such-set", "not found"),
+    ("constitution_set=NO_ANTITHESIS", "has no antithesis"),
     ("base.hf=/nonexistent/model", "is not an HF model directory"),
 ])
 def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path, override, message):

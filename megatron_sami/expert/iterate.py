@@ -91,7 +91,7 @@ class IterateConfig:
     queries_per_iteration: int = 128
     seed: int = 1234
     train_from: str = "base"
-    constitutions: str = "dialogue"
+    constitution_set: str = "dialogue"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     queries: QuerySourceConfig = field(default_factory=QuerySourceConfig)
     template: PromptTemplate = field(default_factory=PromptTemplate)
@@ -138,7 +138,7 @@ class Run:
     def __init__(self, cfg: IterateConfig, resolved_yaml: str) -> None:
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
-        self.cset: ConstitutionSet = load_constitution_set(cfg.constitutions)
+        self.cset: ConstitutionSet = load_constitution_set(cfg.constitution_set)
         validate_sampling(self.cset, cfg.sampling)
         self._check_eval_sampling()
         self._check_train_overrides()

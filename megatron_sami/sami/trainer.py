@@ -227,6 +227,10 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         if dropped:
             logger.warning("dropped %d of %d records longer than seq_length=%d", dropped, len(records),
                            cfg.data.seq_length)
+        if len(tokenized) < cfg.queries_per_step:
+            raise DataError(f"only {len(tokenized)} of {len(records)} records fit in data.seq_length="
+                            f"{cfg.data.seq_length}, fewer than one global batch (queries_per_step="
+                            f"{cfg.queries_per_step}); raise data.seq_length or shorten the responses.")
         num_constitutions = records[0].num_constitutions
         if info.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
