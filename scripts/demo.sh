@@ -3,6 +3,7 @@
 # Creates the environment first if needed. See README.md for what it runs.
 #   bash scripts/demo.sh [RUN_DIR]        (rerunning with the same RUN_DIR resumes)
 set -euo pipefail
+# shellcheck source=scripts/_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$SAMI_ROOT"
 run_dir="${1:-runs/demo-$(date +%Y%m%d-%H%M%S)}"

@@ -3,6 +3,7 @@
 #   bash scripts/test.sh                 # everything that can run here
 #   bash scripts/test.sh -m "not slow"   # extra arguments go to pytest
 set -euo pipefail
+# shellcheck source=scripts/_env.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$SAMI_ROOT"
 # pytest's exit code 5 (no tests collected) is a failure, as is any other non-zero code.

@@ -10,37 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from megatron_sami.expert.constitutions import load_constitution_set
-from megatron_sami.models.catalogue import config_dir
-from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
+import iterate_jobs
 
 pytestmark = pytest.mark.slow
 
-QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("iterate")
-    # The tokenizer learns the prompt's own words, so prompts stay short in tokens.
-    template = (config_dir() / "template" / "dialogue.yaml").read_text()
-    principles = [text for p in load_constitution_set("dialogue").principles for text in (p.definition, p.antithesis)]
-    corpus = (QUERIES + [template] + principles) * 8
-    tokenizer = make_tiny_tokenizer(root / "hf", vocab_size=600, corpus=corpus)
-    make_tiny_hf_model("llama", root / "hf", vocab_size=len(tokenizer), max_position_embeddings=512)
-    with (root / "queries.jsonl").open("w") as handle:
-        handle.writelines(json.dumps({"id": f"q{i}", "query": q}) + "\n" for i, q in enumerate(QUERIES))
-    return root
+    return iterate_jobs.make_inputs(tmp_path_factory.mktemp("iterate"))
 
 
 def iterate_command(tiny: Path, run_dir: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "megatron_sami.cli.iterate", f"run_dir={run_dir}", f"base.hf={tiny / 'hf'}",
-            "iterations=2", "queries_per_iteration=4", "queries.source=jsonl", f"queries.path={tiny / 'queries.jsonl'}",
-            "evaluation.num_queries=3", "generation.max_new_tokens=12", "generation.shard_size=1",
-            "filters.debris=[]", "filters.require_sentence_end=false", "filters.drop_truncated=false",
-            "filters.drop_identical=false", "train.steps=2", "train.queries_per_step=2", "train.save_interval=1",
-            "train.data.seq_length=256", "train.precision.params_dtype=fp32", "train.optimizer.lr=1e-3",
-            "train.optimizer.use_distributed_optimizer=false", *overrides]
+            *iterate_jobs.overrides(tiny), *overrides]
 
 
 def run(command, timeout=900):
@@ -159,3 +140,28 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path, override, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (run_dir / "state.json").exists()
+
+
+def test_sami_eval_reports_a_run_and_compares_models_on_learned_and_heldout_principles(tiny, finished_run, tmp_path):
+    table = run([sys.executable, "-m", "megatron_sami.cli.eval", "mi", "--run-dir", str(finished_run)]).stdout
+    assert table.count("learned") == 3 and "InfoNCE bound" in table
+    out = tmp_path / "eval"
+    result = run([sys.executable, "-m", "megatron_sami.cli.eval", "mi", "--model", f"base={tiny / 'hf'}",
+                  "--model", f"iter1={finished_run / 'iter1' / 'hf'}", "--out", str(out),
+                  "--constitutions", "diverse_summarization", "--template", "summarization",
+                  "--queries", "builtin:summarization", "--num-queries", "2", "--max-new-tokens", "6"])
+    rows = json.loads((out / "mi.json").read_text())
+    assert [row["label"] for row in rows] == ["base", "iter1"]
+    for row in rows:
+        assert set(row["mi"]) == {"learned", "heldout"}
+        assert row["mi"]["heldout"]["paper_mi"]["n"] == 2 and row["mi"]["learned"]["num_constitutions"] == 4
+    assert (out / "mi.png").stat().st_size > 0 and "heldout" in result.stdout
+
+
+def test_principle_writer_refuses_a_model_that_writes_no_valid_principles(tiny, tmp_path):
+    out = tmp_path / "mine.yaml"
+    result = subprocess.run([sys.executable, "-m", "megatron_sami.cli.write_principles", "--model", str(tiny / "hf"),
+                             "--out", str(out), "--count", "3", "--seed-prompt", "Write principles for recipes.",
+                             "--attempts", "2", "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "valid principles of 3" in result.stderr, result.stderr[-2000:]
+    assert not out.exists() and not list(tmp_path.glob("*.incomplete*"))

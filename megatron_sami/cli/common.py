@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import EXIT_PREEMPTED, Preempted, SamiError
 from megatron_sami.models.catalogue import config_dir, model_names
 
 EXIT_USER_ERROR = 2
@@ -41,5 +41,8 @@ def run_hydra_app(task: Callable, config_name: str) -> None:
             task(cfg)
         except SamiError as err:
             fail(str(err))
+        except Preempted as stop:
+            print(f"preempted: {stop}; rerun the same command to resume.", file=sys.stderr)
+            raise SystemExit(EXIT_PREEMPTED) from None
 
     _app()

@@ -186,10 +186,11 @@ def shard_path(out_dir: Path, index: int) -> Path:
 
 def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSet, sampling: SamplingConfig,
                      template: PromptTemplate, out_dir: Path, shard_size: int, seed: int,
-                     sample=sample_constitutions) -> list[Path]:
+                     sample=sample_constitutions, before_shard=None) -> list[Path]:
     """Records (one per query, C responses) in shards; completed shards are kept and skipped.
 
     ``backend_factory`` is called only when a shard is missing, so a finished phase loads no model.
+    ``before_shard()`` runs before each shard (the driver raises there when asked to stop).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = [queries[i:i + shard_size] for i in range(0, len(queries), shard_size)]
@@ -200,6 +201,8 @@ def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSe
     backend = backend_factory() if todo else None
     start, total_tokens = time.perf_counter(), 0
     for done, index in enumerate(todo, start=1):
+        if before_shard is not None:
+            before_shard()
         rows = _generate_shard(backend, shards[index], cset, sampling, template, seed, sample)
         write_jsonl_atomic(paths[index], rows)
         total_tokens += sum(sum(r["metadata"]["num_tokens"]) for r in rows)

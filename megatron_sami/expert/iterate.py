@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, Preempted, SamiError
 from megatron_sami.expert import mi
 from megatron_sami.expert.constitutions import (
     ConstitutionSet,
@@ -148,6 +149,8 @@ class Run:
         self.state = json.loads((self.dir / "state.json").read_text()) if (self.dir / "state.json").exists() \
             else {"phases": {}}
         self.started = time.perf_counter()
+        self.stop_signal: int | None = None
+        self.child: subprocess.Popen | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
     def _check_eval_sampling(self) -> None:
@@ -242,9 +245,24 @@ class Run:
                 phases.append((f"iter{t}/evaluate", lambda t=t: self.evaluate(t)))
         return phases
 
+    def _on_signal(self, number, frame) -> None:
+        """SIGUSR1 (time-limit warning) or SIGTERM (preemption): pass it on to the running phase's
+        processes, which checkpoint and exit; in-process phases stop at their next safe point."""
+        self.stop_signal = number
+        logger.warning("[iterate] received %s: stopping at the next safe point", signal.Signals(number).name)
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(number)
+
+    def check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name}; completed phases are kept")
+
     def run(self) -> dict:
+        for number in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(number, self._on_signal)
         phases = self.phases()
         for number, (name, action) in enumerate(phases, start=1):
+            self.check_stop()
             if self.done(name):
                 logger.info("[iterate] phase %d/%d %s: already complete", number, len(phases), name)
                 continue
@@ -256,22 +274,29 @@ class Run:
         self.write_samples()
         return self.summary()
 
-    def launch(self, phase: str, module: str, args: list[str], log_name: str) -> None:
-        command = self.cfg.launcher.command(module, args)
+    def launch(self, phase: str, module: str, args: list[str], distributed: bool = True) -> None:
+        """Run a phase's command: through the launcher (training), or as one local process."""
+        command = self.cfg.launcher.command(module, args) if distributed else [sys.executable, "-m", module, *args]
         logger.info("[iterate] %s: %s", phase, shlex.join(command))
-        process = subprocess.run(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-        if process.returncode != 0:
-            raise PhaseError(f"phase {phase} failed with exit code {process.returncode} (its output is above); fix "
+        self.child = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        returncode = self.child.wait()
+        self.child = None
+        if returncode == EXIT_PREEMPTED or (returncode != 0 and self.stop_signal is not None):
+            raise Preempted(f"phase {phase} stopped by a signal and saved what it had")
+        if returncode != 0:
+            raise PhaseError(f"phase {phase} failed with exit code {returncode} (its output is above); fix "
                              f"the cause and rerun the same command to resume at this phase.")
 
     # -- phases -------------------------------------------------------------------------------------
     def prepare(self) -> dict:
         if not self.cfg.base.checkpoint:
             self.launch("prepare", "megatron_sami.cli.convert",
-                        ["hf-to-megatron", str(self.base_hf()), str(self.base_checkpoint()), "--overwrite"], "convert")
+                        ["hf-to-megatron", str(self.base_hf()), str(self.base_checkpoint()), "--overwrite"],
+                        distributed=False)
         elif not self.cfg.base.hf:
             self.launch("prepare", "megatron_sami.cli.convert",
-                        ["megatron-to-hf", str(self.base_checkpoint()), str(self.base_hf()), "--overwrite"], "export")
+                        ["megatron-to-hf", str(self.base_checkpoint()), str(self.base_hf()), "--overwrite"],
+                        distributed=False)
         return {"base_hf": str(self.base_hf()), "base_checkpoint": str(self.base_checkpoint())}
 
     def split(self) -> dict:
@@ -297,7 +322,7 @@ class Run:
         model_dir = self.model_hf(t - 1)
         shards = generate_records(self.backend_factory(model_dir, self.cfg.generation), self.queries(f"iter{t}"),
                                   self.cset, self.cfg.sampling, self.cfg.template, self.dir / f"iter{t}" / "generated",
-                                  self.cfg.generation.shard_size, self.cfg.seed + t)
+                                  self.cfg.generation.shard_size, self.cfg.seed + t, before_shard=self.check_stop)
         return {"model": str(model_dir), "shards": len(shards)}
 
     def filter(self, t: int) -> dict:
@@ -319,7 +344,7 @@ class Run:
         args = [override("checkpoint", str(source)), override("data.records", str(self.dir / f"iter{t}" / "records.jsonl")),
                 override("run_dir", str(self.train_dir(t))), f"template={self.cfg.template.name}",
                 *[override(k, v) for k, v in flatten(self.cfg.train).items()]]
-        self.launch(f"iter{t}/train", "megatron_sami.cli.train", args, "train")
+        self.launch(f"iter{t}/train", "megatron_sami.cli.train", args)
         metrics = (self.train_dir(t) / "metrics.jsonl").read_text().splitlines()
         return {"checkpoint": str(self.final_checkpoint(t)), "trained_from": str(source),
                 "last_step": json.loads(metrics[-1])}
@@ -328,11 +353,8 @@ class Run:
         args = ["megatron-to-hf", str(self.final_checkpoint(t)), str(self.model_hf(t)), "--overwrite"]
         if self.cfg.export_dtype:
             args += ["--dtype", self.cfg.export_dtype]
-        single = LauncherConfig(nproc_per_node=1, prefix=self.cfg.launcher.prefix)
-        command = single.command("megatron_sami.cli.convert", args)
-        logger.info("[iterate] iter%d/export: %s", t, shlex.join(command))
-        if subprocess.run(command).returncode != 0:
-            raise PhaseError(f"phase iter{t}/export failed (its output is above); rerun the same command to resume.")
+        # Conversion reads and writes files: one local process, on the node running the driver.
+        self.launch(f"iter{t}/export", "megatron_sami.cli.convert", args, distributed=False)
         return {"hf": str(self.model_hf(t))}
 
     def evaluate(self, t: int) -> dict:
@@ -346,7 +368,7 @@ class Run:
             shards = generate_records(self.backend_factory(model_dir, generation), self.queries("eval"), self.cset,
                                       self.eval_sampling(split), self.cfg.template,
                                       self.dir / "eval" / f"iter{t}-{label}", generation.shard_size,
-                                      self.cfg.seed, sample=evaluation_constitutions)
+                                      self.cfg.seed, sample=evaluation_constitutions, before_shard=self.check_stop)
             records = [parse_record(json.dumps(row), f"eval iter{t}") for row in read_shards(shards)
                        if all(r.strip() for r in row["responses"])]
             if not records:

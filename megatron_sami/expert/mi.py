@@ -108,6 +108,7 @@ def plot_mi(summary_rows: list[dict], path: Path) -> None:
                 axis.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
                               yerr=[0 if math.isnan(p[1]["se"]) else p[1]["se"] for p in points],
                               marker="o", capsize=3, label=f"{split} principles")
+        axis.set_xticks(sorted({row["iteration"] for row in summary_rows}))
         axis.set_xlabel("iteration (0 = base model)")
         axis.set_ylabel("nats")
         axis.set_title(title)

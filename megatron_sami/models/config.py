@@ -136,6 +136,19 @@ class ModelConfig:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
+    def training_flops_per_token(self, seq_length: int) -> float:
+        """Model FLOPs (forward + backward = 3 x forward, 2 per multiply-add) per token at this
+        sequence length: the matmuls a token passes through (MoE: only its top-k experts), the
+        attention scores and context over the full sequence, and the output layer. Activation
+        recomputation is not counted (model FLOPs, as MFU is defined)."""
+        attention_width = self.kv_channels * self.num_attention_heads
+        projections = self.hidden_size * self.kv_channels * (2 * self.num_attention_heads + 2 * self.num_query_groups)
+        mlp = 3 * self.hidden_size * self.ffn_hidden_size * (self.moe_router_topk if self.is_moe else 1)
+        router = self.hidden_size * self.num_experts if self.is_moe else 0
+        per_layer_forward = 2 * (projections + mlp + router) + 2 * 2 * seq_length * attention_width
+        forward = self.num_layers * per_layer_forward + 2 * self.hidden_size * self.vocab_size
+        return 3.0 * forward
+
 
 @dataclass
 class PrecisionConfig:

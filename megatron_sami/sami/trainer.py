@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sami.conversion import convert
-from megatron_sami.errors import ConfigError
+from megatron_sami.errors import ConfigError, Preempted
 from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import logger, megatron_runtime
@@ -38,6 +39,7 @@ from megatron_sami.training.engine import (
     build_optimizer,
     materialize_optimizer_state,
     optimizer_step_count,
+    peak_tflops,
     set_optimizer_step_count,
     train_step,
     wrap_ddp,
@@ -209,6 +211,30 @@ class MetricsWriter:
             self.board.close()
 
 
+class StopRequest:
+    """Set by SIGUSR1 (Slurm's time-limit warning, ``--signal``) or SIGTERM (preemption, scancel);
+    every rank stops after the same step, once the flag has been agreed over all ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for number in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        self.requested = True
+        logger.warning("received %s: checkpointing after this step", signal.Signals(number).name)
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+stop_requested = StopRequest()
+
+
 def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
     """Run (or resume) a SAMI training run; returns the final checkpoint directory (collective)."""
     from transformers import AutoTokenizer
@@ -251,10 +277,14 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
 
         dp_rank = parallel_state.get_data_parallel_rank()
         per_rank = cfg.queries_per_step // info.data_parallel_size
+        stop_requested.install()
+        flops_per_token = model_config.training_flops_per_token(cfg.data.seq_length)
+        peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
         start, first_step = time.perf_counter(), step + 1
         last_saved = resume_from
         while step < cfg.steps:
             step += 1
+            data_start = time.perf_counter()
             global_batch = query_order(len(tokenized), position, cfg.queries_per_step, cfg.seed)
             position += cfg.queries_per_step
             mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
@@ -266,19 +296,29 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             step_start = time.perf_counter()
             result = train_step(ddp_model, optimizer, forward_step, iter(micro), num_microbatches,
                                 cfg.data.seq_length, micro[0]["tokens"].shape[0])
-            step_time = time.perf_counter() - step_start
+            step_time = time.perf_counter() - data_start
             tokens = int(sum(float(m["loss_mask"].numel()) for m in micro)) * info.data_parallel_size
+            tflops = flops_per_token * tokens / step_time / info.launch.world_size / 1e12
             row = {"step": step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
-                   "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time, "step_time_s": step_time}
+                   "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time,
+                   "tokens_per_s_per_gpu": tokens / step_time / info.launch.world_size, "step_time_s": step_time,
+                   "data_s": step_start - data_start, "forward_backward_s": result.forward_backward_s,
+                   "optimizer_s": result.optimizer_s, "tflops_per_gpu": tflops,
+                   "mfu": tflops / peak if peak else None, "world_size": info.launch.world_size}
             metrics.write(row)
             elapsed = time.perf_counter() - start
             eta = elapsed / (step - first_step + 1) * (cfg.steps - step)
             logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
-                        "%.0f tokens/s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"], row["acc_col"],
-                        row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], eta)
-            if step == cfg.steps or (cfg.save_interval and step % cfg.save_interval == 0):
+                        "%.0f tokens/s  %.2f TFLOP/s/GPU%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
+                        row["acc_col"], row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], tflops,
+                        f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "", eta)
+            stop = stop_requested.agreed()
+            if step == cfg.steps or stop or (cfg.save_interval and step % cfg.save_interval == 0):
                 last_saved = save_training_checkpoint(run_dir, step, ddp_model, optimizer, Path(cfg.checkpoint),
                                                       position)
                 logger.info("checkpoint %s", last_saved)
+            if stop and step < cfg.steps:
+                metrics.close()
+                raise Preempted(f"stopped by a signal after step {step}; checkpoint {last_saved}")
         metrics.close()
         return last_saved

@@ -8,6 +8,7 @@ as a ``forward_step_func(data_iterator, model) -> (output, loss_func)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -150,6 +151,8 @@ class StepResult:
     loss: float
     grad_norm: float | None
     logs: dict[str, float]
+    forward_backward_s: float = 0.0
+    optimizer_s: float = 0.0
 
 
 def forward_backward(
@@ -222,9 +225,41 @@ def train_step(
     """One optimizer step: zero grads, forward/backward over all microbatches, step."""
     ddp_model.zero_grad_buffer()
     optimizer.zero_grad()
+    start = time.perf_counter()
     microbatch_logs = forward_backward(
         ddp_model, forward_step_func, data_iterator, num_microbatches, seq_length, micro_batch_size
     )
+    _synchronize()
+    middle = time.perf_counter()
     _, grad_norm, _ = optimizer.step()
+    _synchronize()
+    end = time.perf_counter()
     logs = reduce_logs(microbatch_logs)
-    return StepResult(loss=logs.get("loss", float("nan")), grad_norm=grad_norm, logs=logs)
+    return StepResult(loss=logs.get("loss", float("nan")), grad_norm=grad_norm, logs=logs,
+                      forward_backward_s=middle - start, optimizer_s=end - middle)
+
+
+def _synchronize() -> None:
+    """Wait for queued GPU work so that wall-clock phases are measured, not kernel launches."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# Dense peak TFLOP/s per GPU by dtype, from the vendors' data sheets (SXM parts, no sparsity).
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.4, "fp8": 1978.9},
+    "H100": {"bf16": 989.4, "fp8": 1978.9},
+    "A100": {"bf16": 312.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+}
+
+
+def peak_tflops(dtype: str) -> float | None:
+    """The visible GPU's dense peak for ``dtype`` (bf16 or fp8), or None (CPU, unknown GPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for model, peaks in PEAK_TFLOPS.items():
+        if model in name:
+            return peaks.get(dtype)
+    return None

@@ -1,0 +1,164 @@
+#!/usr/bin/env bash
+# The one launcher behind every slurm/sami_*.sh template: SAMI expert iteration inside an allocation.
+#
+# The batch script runs sami-iterate (the driver) on the first node; the driver launches each
+# training phase with `srun` over every node, one task per GPU (the runtime reads SLURM_PROCID,
+# SLURM_LOCALID and the node list; no torchrun needed), and runs conversion, generation and
+# evaluation on the first node. Rerunning or requeueing the same job continues where it stopped
+# (state.json in the run directory).
+#
+# Settings (environment, the template sets defaults): SAMI_MODEL (catalogue name), SAMI_BASE_HF
+# or SAMI_BASE_CKPT, SAMI_RUN_DIR, SAMI_TP, SAMI_PP, SAMI_EP, SAMI_GPUS_PER_NODE (tasks per node),
+# SAMI_ITERATE_ARGS (extra sami-iterate overrides), SAMI_CONTAINER_IMAGE / SAMI_CONTAINER_MOUNTS
+# (pyxis/enroot), SAMI_PYTHON, SAMI_ROOT. SAMI_DRY_RUN=1 prints the resolved layout and commands
+# without running anything (SAMI_NODES sets the node count outside an allocation).
+set -euo pipefail
+
+sami_fail() {
+  echo "error: $*" >&2
+  exit 2
+}
+
+sami_root() {
+  local root="${SAMI_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}"
+  [ -f "$root/slurm/launcher.sh" ] || sami_fail "cannot find the megatron-sami checkout from $root; submit from the checkout or set SAMI_ROOT."
+  echo "$root"
+}
+
+SAMI_ROOT="$(sami_root)"
+SAMI_PYTHON="${SAMI_PYTHON:-$SAMI_ROOT/.venv/bin/python}"
+SAMI_NODES="${SLURM_JOB_NUM_NODES:-${SAMI_NODES:-1}}"
+SAMI_GPUS_PER_NODE="${SAMI_GPUS_PER_NODE:-${SLURM_NTASKS_PER_NODE:-8}}"
+SAMI_TP="${SAMI_TP:-1}"
+SAMI_PP="${SAMI_PP:-1}"
+SAMI_EP="${SAMI_EP:-1}"
+SAMI_RUN_DIR="${SAMI_RUN_DIR:-$SAMI_ROOT/runs/${SAMI_MODEL:?set SAMI_MODEL}-${SLURM_JOB_NAME:-sami}}"
+SAMI_WORLD_SIZE=$((SAMI_NODES * SAMI_GPUS_PER_NODE))
+
+[ -x "$SAMI_PYTHON" ] || sami_fail "no Python at $SAMI_PYTHON; run 'bash scripts/test.sh --collect-only -q' once to create .venv, or set SAMI_PYTHON."
+
+sami_check_layout() {
+  # Refuse a layout the model or node count cannot use before any GPU time is spent.
+  "$SAMI_PYTHON" -m megatron_sami.cli.check_config "model=$SAMI_MODEL" "world_size=$SAMI_WORLD_SIZE" \
+    "parallel.tensor=$SAMI_TP" "parallel.pipeline=$SAMI_PP" "parallel.expert=$SAMI_EP" \
+    "precision.params_dtype=${SAMI_PARAMS_DTYPE:-bf16}"
+}
+
+sami_check_inputs() {
+  if [ -n "${SAMI_BASE_CKPT:-}" ]; then
+    [ -f "$SAMI_BASE_CKPT/model.yaml" ] || sami_fail "SAMI_BASE_CKPT=$SAMI_BASE_CKPT is not a converted checkpoint (no model.yaml)."
+  elif [ -n "${SAMI_BASE_HF:-}" ]; then
+    [ -f "$SAMI_BASE_HF/config.json" ] || sami_fail "SAMI_BASE_HF=$SAMI_BASE_HF is not an HF model directory (no config.json)."
+  else
+    sami_fail "set SAMI_BASE_HF (an HF model directory) or SAMI_BASE_CKPT (a converted checkpoint)."
+  fi
+  if [ -n "${SAMI_QUERIES_PATH:-}" ] && [ ! -e "$SAMI_QUERIES_PATH" ]; then
+    sami_fail "SAMI_QUERIES_PATH=$SAMI_QUERIES_PATH does not exist."
+  fi
+  if [ -n "${SAMI_CONTAINER_IMAGE:-}" ]; then
+    case "$SAMI_CONTAINER_IMAGE" in
+      /*|./*) [ -f "$SAMI_CONTAINER_IMAGE" ] || sami_fail "container image $SAMI_CONTAINER_IMAGE does not exist." ;;
+    esac
+    srun --help 2>/dev/null | grep -q -- "--container-image" || [ "${SAMI_DRY_RUN:-0}" = 1 ] ||
+      sami_fail "SAMI_CONTAINER_IMAGE is set but this srun has no --container-image (pyxis is not installed)."
+  fi
+}
+
+sami_environment() {
+  local nodes
+  if [ -n "${SLURM_JOB_NODELIST:-}" ]; then
+    nodes="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+    MASTER_ADDR="$(echo "$nodes" | head -n1)"
+  else
+    MASTER_ADDR="$(hostname)"
+  fi
+  MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
+  export MASTER_ADDR MASTER_PORT
+  # Hopper/NCCL practice: one CUDA stream for TP overlap ordering, async error handling so a
+  # failed rank ends the job instead of hanging it, and NVLS/IB left to NCCL's own detection.
+  export CUDA_DEVICE_MAX_CONNECTIONS=1
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=1
+  export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+  export PYTHONUNBUFFERED=1
+}
+
+sami_srun_prefix() {
+  local prefix="srun --nodes=$SAMI_NODES --ntasks-per-node=$SAMI_GPUS_PER_NODE --kill-on-bad-exit=1"
+  prefix+=" --output=$SAMI_RUN_DIR/logs/train-%j-rank%t.log"
+  if [ -n "${SAMI_CONTAINER_IMAGE:-}" ]; then
+    prefix+=" --container-image=$SAMI_CONTAINER_IMAGE"
+    [ -z "${SAMI_CONTAINER_MOUNTS:-}" ] || prefix+=" --container-mounts=$SAMI_CONTAINER_MOUNTS"
+  fi
+  echo "$prefix"
+}
+
+sami_iterate_command() {
+  local base
+  if [ -n "${SAMI_BASE_CKPT:-}" ]; then base="base.checkpoint=$SAMI_BASE_CKPT"; else base="base.hf=$SAMI_BASE_HF"; fi
+  SAMI_COMMAND=("$SAMI_PYTHON" -m megatron_sami.cli.iterate "run_dir=$SAMI_RUN_DIR" "$base"
+    "launcher.prefix='$(sami_srun_prefix)'" "train.parallel.tensor=$SAMI_TP" "train.parallel.pipeline=$SAMI_PP"
+    "train.parallel.expert=$SAMI_EP")
+  if [ -n "${SAMI_ITERATE_ARGS:-}" ]; then
+    local extra
+    read -r -a extra <<< "$SAMI_ITERATE_ARGS"
+    SAMI_COMMAND+=("${extra[@]}")
+  fi
+}
+
+sami_bench_main() {
+  # The SAMI training benchmark of the scaling study: sami-train for a fixed number of steps on a
+  # fixed records file (SAMI_BENCH_RECORDS) from a converted checkpoint (SAMI_BASE_CKPT).
+  [ -f "${SAMI_BASE_CKPT:-}/model.yaml" ] || sami_fail "set SAMI_BASE_CKPT to a converted checkpoint (sami-convert hf-to-megatron)."
+  [ -f "${SAMI_BENCH_RECORDS:-}" ] || sami_fail "set SAMI_BENCH_RECORDS to a records JSONL file."
+  sami_check_layout
+  sami_environment
+  local extra=()
+  [ -z "${SAMI_TRAIN_ARGS:-}" ] || read -r -a extra <<< "$SAMI_TRAIN_ARGS"
+  local prefix
+  read -r -a prefix <<< "$(sami_srun_prefix)"
+  SAMI_COMMAND=("${prefix[@]}" "$SAMI_PYTHON" -m megatron_sami.cli.train "checkpoint=$SAMI_BASE_CKPT"
+    "data.records=$SAMI_BENCH_RECORDS" "run_dir=$SAMI_RUN_DIR" "parallel.tensor=$SAMI_TP"
+    "parallel.pipeline=$SAMI_PP" "parallel.expert=$SAMI_EP" "${extra[@]}")
+  if [ "${SAMI_DRY_RUN:-0}" = 1 ]; then
+    printf 'benchmark:'; printf ' %q' "${SAMI_COMMAND[@]}"; echo
+    return 0
+  fi
+  mkdir -p "$SAMI_RUN_DIR/logs"
+  "${SAMI_COMMAND[@]}"
+}
+
+sami_main() {
+  sami_check_inputs
+  sami_check_layout
+  sami_environment
+  sami_iterate_command
+  if [ "${SAMI_DRY_RUN:-0}" = 1 ]; then
+    echo "nodes: $SAMI_NODES x $SAMI_GPUS_PER_NODE tasks = world size $SAMI_WORLD_SIZE (TP $SAMI_TP, PP $SAMI_PP, EP $SAMI_EP)"
+    echo "master: $MASTER_ADDR:$MASTER_PORT"
+    echo "train launch: $(sami_srun_prefix) $SAMI_PYTHON -m megatron_sami.cli.train ..."
+    printf 'driver:'; printf ' %q' "${SAMI_COMMAND[@]}"; echo
+    return 0
+  fi
+  mkdir -p "$SAMI_RUN_DIR/logs"
+  echo "[slurm] job ${SLURM_JOB_ID:-?} on $SAMI_NODES node(s) (restart ${SLURM_RESTART_COUNT:-0}): run directory $SAMI_RUN_DIR"
+  # The driver runs in the background so this shell can take Slurm's signals: --signal=B:USR1@T
+  # before the time limit, SIGTERM on preemption. It passes them on; training checkpoints and the
+  # driver exits with 75, upon which the job requeues itself and the next start resumes.
+  "${SAMI_COMMAND[@]}" &
+  SAMI_DRIVER_PID=$!
+  trap 'kill -USR1 "$SAMI_DRIVER_PID" 2>/dev/null || true' USR1
+  trap 'kill -TERM "$SAMI_DRIVER_PID" 2>/dev/null || true' TERM
+  local status=0
+  while true; do
+    wait "$SAMI_DRIVER_PID" && status=0 || status=$?
+    # wait returns >128 when a trapped signal interrupts it; the driver is still running then.
+    kill -0 "$SAMI_DRIVER_PID" 2>/dev/null || break
+  done
+  if [ "$status" = 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    echo "[slurm] stopped before the time limit with its progress saved; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    return 0
+  fi
+  return "$status"
+}

@@ -1,0 +1,33 @@
+"""Inputs of the tiny expert-iteration runs shared by the sami-iterate and Slurm tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron_sami.expert.constitutions import load_constitution_set
+from megatron_sami.models.catalogue import config_dir
+from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
+
+QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]
+
+
+def make_inputs(root: Path) -> Path:
+    """A tiny random HF Llama (tokenizer trained on the prompts' own words) and a queries file."""
+    template = (config_dir() / "template" / "dialogue.yaml").read_text()
+    principles = [text for p in load_constitution_set("dialogue").principles for text in (p.definition, p.antithesis)]
+    tokenizer = make_tiny_tokenizer(root / "hf", vocab_size=600, corpus=(QUERIES + [template] + principles) * 8)
+    make_tiny_hf_model("llama", root / "hf", vocab_size=len(tokenizer), max_position_embeddings=512)
+    with (root / "queries.jsonl").open("w") as handle:
+        handle.writelines(json.dumps({"id": f"q{i}", "query": q}) + "\n" for i, q in enumerate(QUERIES))
+    return root
+
+
+def overrides(root: Path) -> list[str]:
+    """Two short iterations; filters relaxed (a random model writes no sentences), checkpoints every step."""
+    return ["iterations=2", "queries_per_iteration=4", "queries.source=jsonl", f"queries.path={root / 'queries.jsonl'}",
+            "evaluation.num_queries=3", "generation.max_new_tokens=12", "generation.shard_size=1",
+            "filters.debris=[]", "filters.require_sentence_end=false", "filters.drop_truncated=false",
+            "filters.drop_identical=false", "train.steps=2", "train.queries_per_step=2", "train.save_interval=1",
+            "train.data.seq_length=256", "train.precision.params_dtype=fp32", "train.optimizer.lr=1e-3",
+            "train.optimizer.use_distributed_optimizer=false"]
