@@ -142,23 +142,27 @@ sami_main() {
   fi
   mkdir -p "$SAMI_RUN_DIR/logs"
   echo "[slurm] job ${SLURM_JOB_ID:-?} on $SAMI_NODES node(s) (restart ${SLURM_RESTART_COUNT:-0}): run directory $SAMI_RUN_DIR"
-  # The driver runs in the background so this shell can take Slurm's signals: --signal=B:USR1@T
-  # before the time limit, SIGTERM on preemption. It passes them on; training checkpoints and the
-  # driver exits with 75, upon which the job requeues itself and the next start resumes.
+  # The driver runs in the background so this shell can take Slurm's signals. USR1 comes from
+  # --signal=B:USR1@T before the time limit: training checkpoints, the driver exits with 75 and
+  # the job requeues itself, so the next start resumes. TERM comes from scancel or preemption:
+  # training checkpoints and the job ends without requeueing itself (a cancelled job stays
+  # cancelled; Slurm requeues preempted --requeue jobs on its own).
   "${SAMI_COMMAND[@]}" &
   SAMI_DRIVER_PID=$!
-  trap 'kill -USR1 "$SAMI_DRIVER_PID" 2>/dev/null || true' USR1
-  trap 'kill -TERM "$SAMI_DRIVER_PID" 2>/dev/null || true' TERM
+  SAMI_SIGNAL=""
+  trap 'SAMI_SIGNAL=USR1; kill -USR1 "$SAMI_DRIVER_PID" 2>/dev/null || true' USR1
+  trap 'SAMI_SIGNAL=TERM; kill -TERM "$SAMI_DRIVER_PID" 2>/dev/null || true' TERM
   local status=0
   while true; do
     wait "$SAMI_DRIVER_PID" && status=0 || status=$?
     # wait returns >128 when a trapped signal interrupts it; the driver is still running then.
     kill -0 "$SAMI_DRIVER_PID" 2>/dev/null || break
   done
-  if [ "$status" = 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  if [ "$status" = 75 ] && [ "$SAMI_SIGNAL" = USR1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     echo "[slurm] stopped before the time limit with its progress saved; requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     return 0
   fi
+  [ "$status" != 75 ] || echo "[slurm] stopped by SIG$SAMI_SIGNAL with its progress saved; submit the same job again to resume"
   return "$status"
 }

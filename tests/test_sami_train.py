@@ -29,10 +29,10 @@ def setup(tmp_path_factory):
     return root
 
 
-def train_command(root: Path, run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
+def train_command(root: Path, run_dir: Path, *overrides: str, nproc: int = 2, dtype: str = "fp32") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "megatron_sami.cli.train", f"checkpoint={root / 'ckpt'}", f"data.records={root / 'records.jsonl'}",
-            f"run_dir={run_dir}", "queries_per_step=4", "data.seq_length=256", "precision.params_dtype=fp32",
+            f"run_dir={run_dir}", "queries_per_step=4", "data.seq_length=256", f"precision.params_dtype={dtype}",
             "optimizer.lr=1e-3", *overrides]
 
 
@@ -57,15 +57,16 @@ def test_training_raises_the_diagonal_and_the_mi_bound(setup, tmp_path):
     assert list((run_dir / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize("optimizer", ["adam", "rmsprop"])
-def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer):
+@pytest.mark.parametrize(("optimizer", "dtype"), [("adam", "fp32"), ("rmsprop", "fp32"), ("adam", "bf16")])
+def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer, dtype):
+    """Also BF16 with megatron's non-distributed optimizer (fp32 master weights in the checkpoint)."""
     overrides = ("steps=6", "save_interval=2", "optimizer.use_distributed_optimizer=false", f"optimizer.name={optimizer}")
     reference_dir = tmp_path / "uninterrupted"
-    done = subprocess.run(train_command(setup, reference_dir, *overrides), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(train_command(setup, reference_dir, *overrides, dtype=dtype), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
     run_dir = tmp_path / "killed"
-    job = subprocess.Popen(train_command(setup, run_dir, *overrides), stdout=subprocess.DEVNULL,
+    job = subprocess.Popen(train_command(setup, run_dir, *overrides, dtype=dtype), stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = run_dir / "checkpoints" / "latest"
     deadline = time.monotonic() + 600
@@ -75,7 +76,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer):
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
     assert metrics(run_dir)[-1]["step"] < 6
-    resumed = subprocess.run(train_command(setup, run_dir, *overrides), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(train_command(setup, run_dir, *overrides, dtype=dtype), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
     expected = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(reference_dir)]

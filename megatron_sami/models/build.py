@@ -180,4 +180,14 @@ def build_gpt_model(
         seq_len_interpolation_factor=rope.factor if rope.type == "linear" else None,
         parallel_output=True,
     )
+    _cast_params(gpt, config.params_dtype)
     return gpt
+
+
+def _cast_params(gpt: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Give every parameter the model's dtype, as megatron's ``Float16Module`` does: the local
+    spec's torch norms are created in fp32, and megatron-core's non-distributed BF16 optimizer
+    cannot checkpoint a model whose parameters mix dtypes."""
+    for param in gpt.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)

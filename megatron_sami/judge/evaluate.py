@@ -1,0 +1,243 @@
+"""Win-rate evaluation: responses of a test and a baseline model, judged principle by principle.
+
+Responses are greedy, under the positive constitution of each evaluation query (the same
+principles the MI evaluation draws for that query). Each (query, principle of its constitution)
+is one comparison; the judge sees that principle, the query and both responses in an A/B order
+fixed by the seed. Learned (train) and held-out principles are reported separately.
+
+A response row: ``{"id", "query", "split", "constitution", "principles", "response"}``; the
+``responses/*.jsonl`` files an evaluation writes are in that format, and so are the files
+``sami-eval winrate --test-records/--baseline-records`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.expert.constitutions import (
+    ConstitutionSet,
+    QueryConstitutions,
+    SamplingConfig,
+    choose_principles,
+    render,
+)
+from megatron_sami.expert.generation import GenerationConfig, generate_records, make_backend, read_shards
+from megatron_sami.expert.generation import write_jsonl_atomic
+from megatron_sami.expert.queries import Query
+from megatron_sami.judge.client import JudgeClient, JudgeConfig
+from megatron_sami.judge.winrate import Comparison, judge_messages, parse_verdict, summarize, test_is_first, test_score
+from megatron_sami.sami.data import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+SPLIT_LABELS = {"train": "learned", "heldout": "heldout"}
+
+
+@dataclass
+class WinRateConfig:
+    enabled: bool = False
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    baselines: list[str] = field(default_factory=lambda: ["base"])  # "base" or LABEL=HF_DIR (an instruct model)
+    principles_per_query: int = 2
+    max_new_tokens: int = 0  # 0: the generation's max_new_tokens
+    seed: int = 0  # A/B placement
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            self.judge.require()
+        parse_baselines(self.baselines)
+        if self.principles_per_query < 1:
+            raise ConfigError("winrate.principles_per_query must be at least 1.")
+
+
+def parse_baselines(specs: list[str]) -> list[tuple[str, str | None]]:
+    """("base", None) for the run's base model, (label, dir) for another HF model."""
+    out = []
+    for spec in specs:
+        if spec == "base":
+            out.append(("base", None))
+            continue
+        label, _, path = spec.partition("=")
+        if not path or not label:
+            raise ConfigError(f"baseline '{spec}' must be 'base' or LABEL=HF_DIR, e.g. instruct=/models/Mistral-7B-"
+                              f"Instruct-v0.2.")
+        out.append((label, path))
+    return out
+
+
+def positive_constitution(cset: ConstitutionSet, config: SamplingConfig, rng) -> QueryConstitutions:
+    """The query's principles (drawn as the MI evaluation draws them), every one positive."""
+    principles = choose_principles(cset, config, rng)
+    return QueryConstitutions([render(principles, (True,) * len(principles))])
+
+
+def sampling_for(cset: ConstitutionSet, split: str, principles_per_query: int) -> SamplingConfig:
+    # num_constitutions is unused here: one (positive) constitution per query.
+    return SamplingConfig(num_constitutions=2, principles_per_query=min(principles_per_query, len(cset.pool(split))),
+                          split=split)
+
+
+def splits_of(cset: ConstitutionSet) -> list[str]:
+    return [split for split in ("train", "heldout") if cset.pool(split)]
+
+
+def response_rows(records: list[dict], split: str) -> list[dict]:
+    """Rows of the positive (first) constitution's response of each record."""
+    return [{"id": r["id"], "query": r["query"], "split": split, "constitution": r["constitutions"][0],
+             "principles": r["metadata"]["principles"], "response": r["responses"][0]} for r in records]
+
+
+def generate_responses(model_dir: Path, queries: list[Query], cset: ConstitutionSet, template: PromptTemplate,
+                       generation: GenerationConfig, principles_per_query: int, out_dir: Path, seed: int,
+                       before_shard=None) -> list[dict]:
+    """Greedy responses under the positive constitution, per principle split, in resumable shards."""
+    greedy = GenerationConfig(**{**vars(generation), "temperature": 0.0})
+    rows = []
+    for split in splits_of(cset):
+        shards = generate_records(lambda: make_backend(model_dir, greedy), queries, cset,
+                                  sampling_for(cset, split, principles_per_query), template,
+                                  out_dir / SPLIT_LABELS[split], greedy.shard_size, seed, sample=positive_constitution,
+                                  before_shard=before_shard)
+        rows += response_rows(read_shards(shards), split)
+    return rows
+
+
+def read_response_rows(path: Path) -> list[dict]:
+    rows = []
+    with path.open() as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise SamiError(f"{path}:{number} is not JSON.") from None
+            missing = [key for key in ("id", "query", "split", "principles", "response") if key not in row]
+            if missing:
+                raise SamiError(f"{path}:{number} lacks {', '.join(missing)}; response rows need id, query, split "
+                                f"(train or heldout), principles (names) and response.")
+            rows.append(row)
+    if not rows:
+        raise SamiError(f"{path} has no response rows.")
+    return rows
+
+
+def make_comparisons(test_rows: list[dict], baseline_rows: list[dict], cset: ConstitutionSet) -> list[Comparison]:
+    """One comparison per (query, principle of its constitution) present in both sets of rows."""
+    definitions = {p.name: p.definition for p in cset.principles}
+    baseline = {(r["split"], r["id"]): r for r in baseline_rows}
+    comparisons = []
+    for row in test_rows:
+        other = baseline.get((row["split"], row["id"]))
+        if other is None:
+            continue
+        for name in row["principles"]:
+            if name not in definitions:
+                raise SamiError(f"principle '{name}' of query {row['id']} is not in the constitution set "
+                                f"'{cset.name}'; evaluate with the set the responses were generated under.")
+            comparisons.append(Comparison(row["id"], row["query"], SPLIT_LABELS.get(row["split"], row["split"]), name,
+                                          definitions[name], row["response"], other["response"]))
+    if not comparisons:
+        raise SamiError("the test and baseline responses share no query; generate both on the same queries.")
+    return comparisons
+
+
+def judge_comparisons(comparisons: list[Comparison], client: JudgeClient, seed: int) -> list[dict]:
+    """Ask the judge about every comparison (cached replies reused); rows with verdict and score."""
+    uncached = [c for c in comparisons if client.cached(judge_messages(c, seed)) is None]
+    if uncached:
+        client.check_reachable()
+    logger.info("judge: %d comparisons, %d cached, %d to ask (%d at a time)", len(comparisons),
+                len(comparisons) - len(uncached), len(uncached), client.cfg.concurrency)
+    start, progress, asked = time.perf_counter(), threading.Lock(), [0]
+
+    def judge(comparison: Comparison) -> dict:
+        test_first = test_is_first(comparison, seed)
+        reply = client.complete(judge_messages(comparison, seed))
+        verdict = parse_verdict(reply.text) if reply.text is not None else None
+        if not reply.cached:
+            with progress:
+                asked[0] += 1
+                if asked[0] % 10 == 0 or asked[0] == len(uncached):
+                    elapsed = time.perf_counter() - start
+                    logger.info("judge: %d/%d asked, %.1f per s, ETA %.0f s", asked[0], len(uncached),
+                                asked[0] / elapsed, elapsed / asked[0] * (len(uncached) - asked[0]))
+        return {"key": comparison.key, "query_id": comparison.query_id, "split": comparison.split,
+                "principle": comparison.principle, "test_first": test_first, "verdict": verdict,
+                "score": test_score(verdict, test_first), "status": reply.status, "judge_reply": reply.text,
+                "test": comparison.test, "baseline": comparison.baseline}
+
+    with ThreadPoolExecutor(max_workers=client.cfg.concurrency) as pool:
+        return list(pool.map(judge, comparisons))
+
+
+def evaluate_pair(test_rows: list[dict], baseline_rows: list[dict], cset: ConstitutionSet, judge_cfg: JudgeConfig,
+                  out_dir: Path, seed: int, cache_dir: Path | None = None) -> dict:
+    """Judge a test set of responses against a baseline's; writes judgements.jsonl and result.json."""
+    client = JudgeClient(judge_cfg, cache_dir or Path(judge_cfg.cache_dir or out_dir.parent / "judge-cache"))
+    judged = judge_comparisons(make_comparisons(test_rows, baseline_rows, cset), client, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(out_dir / "judgements.jsonl", judged)
+    result = summarize(judged) | {"judge": {"model": judge_cfg.model, "url": judge_cfg.base_url}, "seed": seed}
+    staging = out_dir / "result.json.incomplete"
+    staging.write_text(json.dumps(result, indent=2) + "\n")
+    staging.replace(out_dir / "result.json")
+    return result
+
+
+def format_table(rows: list[dict]) -> str:
+    """rows: {label, baseline, result}; one line per split and per principle."""
+    header = (f"{'model':<10} {'vs':<10} {'principles':<22} {'n':>4} {'win rate [95% CI]':>22} "
+              f"{'length-bal.':>11} {'undecided':>9} {'malformed':>9} {'chars test/base':>16}")
+    lines = [header]
+    for row in rows:
+        for split, block in row["result"]["splits"].items():
+            entries = [(split, block)] + [(f"  {name}", sub) for name, sub in block["principles"].items()]
+            for name, values in entries:
+                rate, lengths = values["win_rate"], values["lengths"]
+                lines.append(f"{row['label']:<10} {row['baseline']:<10} {name:<22} {rate['n']:>4} "
+                             f"{rate['mean']:>7.3f} [{rate['low']:.2f}, {rate['high']:.2f}] "
+                             f"{values['length_balanced']:>11.3f} {values['undecided']:>9} {values['malformed']:>9} "
+                             f"{lengths['test_mean_chars']:>7.0f}/{lengths['baseline_mean_chars']:<8.0f}")
+    return "\n".join(lines)
+
+
+def plot_winrates(rows: list[dict], path: Path) -> None:
+    """Win rate (with its 95% interval) and the length-balanced win rate across iterations, one
+    panel per principle split, one line per baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = sorted({split for row in rows for split in row["result"]["splits"]})
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 4), squeeze=False)
+    for axis, split in zip(axes[0], splits, strict=True):
+        for baseline in sorted({row["baseline"] for row in rows}):
+            mine = [row for row in rows if row["baseline"] == baseline and split in row["result"]["splits"]]
+            xs = [row["iteration"] for row in mine]
+            rates = [row["result"]["splits"][split]["win_rate"] for row in mine]
+            means = [r["mean"] for r in rates]
+            errors = [[m - r["low"] for m, r in zip(means, rates, strict=True)],
+                      [r["high"] - m for m, r in zip(means, rates, strict=True)]]
+            axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=f"vs {baseline}")
+            axis.plot(xs, [row["result"]["splits"][split]["length_balanced"] for row in mine], "--", marker="x",
+                      label=f"vs {baseline} (length-balanced)")
+        axis.axhline(0.5, color="grey", linewidth=0.8)
+        axis.set_ylim(0, 1)
+        axis.set_xticks(sorted({row["iteration"] for row in rows}))
+        axis.set_xlabel("iteration")
+        axis.set_ylabel("win rate")
+        axis.set_title(f"{split} principles")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
