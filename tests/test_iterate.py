@@ -165,3 +165,47 @@ def test_principle_writer_refuses_a_model_that_writes_no_valid_principles(tiny, 
                              "--attempts", "2", "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "valid principles of 3" in result.stderr, result.stderr[-2000:]
     assert not out.exists() and not list(tmp_path.glob("*.incomplete*"))
+
+
+def judged_rows(path: Path) -> list[dict]:
+    return read_jsonl(path / "judgements.jsonl")
+
+
+def test_sami_eval_winrate_judges_each_iteration_of_a_run_against_its_base(finished_run):
+    from judge_server import FakeJudge
+
+    with FakeJudge(always="A") as judge:
+        result = subprocess.run(
+            [sys.executable, "-m", "megatron_sami.cli.eval", "winrate", "--run-dir", str(finished_run),
+             "--judge-url", judge.url, "--judge-model", "judge"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(judge.answered) == 2 * 3 * 2  # iterations x evaluation queries x principles per query
+    for t in (1, 2):
+        out = finished_run / "winrate" / f"iter{t}-vs-base"
+        rows = judged_rows(out)
+        # A judge that always answers A prefers whichever response was placed first.
+        assert [row["score"] for row in rows] == [1.0 if row["test_first"] else 0.0 for row in rows]
+        learned = json.loads((out / "result.json").read_text())["splits"]["learned"]
+        assert learned["win_rate"]["mean"] == sum(r["test_first"] for r in rows) / len(rows)
+        # the responses judged are the MI evaluation's positive-constitution responses
+        shards = sorted((finished_run / "eval" / f"iter{t}-learned").glob("shard-*.jsonl"))
+        evaluated = {r["id"]: r["responses"][0] for shard in shards for r in read_jsonl(shard)}
+        assert [row["test"] for row in rows] == [evaluated[row["query_id"]] for row in rows]
+    assert (finished_run / "winrate.png").stat().st_size > 0 and "iter2" in result.stdout
+
+
+def test_iterate_runs_the_winrate_phase_when_a_judge_is_configured(tiny, tmp_path):
+    from judge_server import FakeJudge
+
+    run_dir = tmp_path / "judged"
+    with FakeJudge(always="B") as judge:
+        run(iterate_command(tiny, run_dir, "iterations=1", "winrate.enabled=true", f"winrate.judge.base_url={judge.url}",
+                            "winrate.judge.model=judge"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    row = next(r for r in summary["iterations"] if r["iteration"] == 1)
+    overall = row["winrate"]["base"]["all"]["win_rate"]
+    rows = judged_rows(run_dir / "winrate" / "iter1-vs-base")
+    assert overall["n"] == len(rows) == 6 and len(judge.answered) == 6
+    assert overall["mean"] == sum(not r["test_first"] for r in rows) / 6
+    assert "iter1/winrate" in json.loads((run_dir / "state.json").read_text())["phases"]
+    assert (run_dir / "winrate.png").stat().st_size > 0

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-import iterate_jobs
+
 from megatron_sami.conversion.hf_io import SafetensorsReader
+
+import iterate_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

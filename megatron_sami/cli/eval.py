@@ -7,7 +7,18 @@
         [--max-new-tokens 350] [--principles-per-query 2] [--seed 1234]
         evaluates each model on the same held-out queries: OUT/mi.json, OUT/mi.png and a table
 
-Both estimators of the specification are reported with standard errors, for learned (train)
+    sami-eval winrate --run-dir RUN --judge-url URL --judge-model NAME [--baseline base] [--baseline L=DIR]
+        each iteration of a run against its base model (and other baselines): RUN/winrate/, a table
+        and RUN/winrate.png
+    sami-eval winrate --test DIR --baseline-model DIR --out OUT --judge-url URL --judge-model NAME
+        [--constitutions dialogue] [--template dialogue] [--queries ...] [--num-queries 16]
+    sami-eval winrate --test-records F --baseline-records F --out OUT --judge-url ... --judge-model ...
+        response rows (id, query, split, principles, response; what OUT/responses/*.jsonl hold)
+
+The judge is any OpenAI-compatible endpoint (sami-serve, vLLM, a hosted API); its key is read
+from the variable --judge-api-key-env names (default SAMI_JUDGE_API_KEY), never from the command.
+
+Both MI estimators of the specification are reported with standard errors, for learned (train)
 and held-out principles: the InfoNCE bound (mean log-probs, C = 2**principles) and the paper's
 uncapped estimator (summed log-probs).
 """
@@ -37,6 +48,32 @@ def _parser() -> argparse.ArgumentParser:
     mi.add_argument("--max-new-tokens", type=int, default=350)
     mi.add_argument("--principles-per-query", type=int, default=2)
     mi.add_argument("--seed", type=int, default=1234)
+    win = commands.add_parser("winrate", help="win rates judged by an LLM")
+    win.add_argument("--run-dir", type=Path)
+    win.add_argument("--baseline", action="append", default=[],
+                     help="with --run-dir: base, or LABEL=HF_DIR (repeat); default: the run's winrate.baselines")
+    win.add_argument("--test", type=Path, help="HF directory of the model under test")
+    win.add_argument("--baseline-model", type=Path, help="HF directory of the baseline model")
+    win.add_argument("--test-records", type=Path)
+    win.add_argument("--baseline-records", type=Path)
+    win.add_argument("--out", type=Path)
+    win.add_argument("--constitutions", default="dialogue")
+    win.add_argument("--template", default="dialogue")
+    win.add_argument("--queries", default="builtin:dialogue")
+    win.add_argument("--num-queries", type=int, default=16)
+    win.add_argument("--max-new-tokens", type=int, default=350)
+    win.add_argument("--principles-per-query", type=int, default=2)
+    win.add_argument("--seed", type=int, default=1234, help="query draw and principle draw")
+    win.add_argument("--position-seed", type=int, default=0, help="A/B placement")
+    win.add_argument("--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    win.add_argument("--judge-model")
+    win.add_argument("--judge-api-key-env", default="SAMI_JUDGE_API_KEY")
+    win.add_argument("--judge-concurrency", type=int, default=4)
+    win.add_argument("--judge-timeout", type=float, default=120.0)
+    win.add_argument("--judge-retries", type=int, default=5)
+    win.add_argument("--judge-backoff", type=float, default=1.0)
+    win.add_argument("--judge-max-tokens", type=int, default=256)
+    win.add_argument("--judge-cache", type=Path, help="default: OUT/judge-cache (RUN/winrate/judge-cache)")
     return parser
 
 
@@ -81,6 +118,19 @@ def _models(specs: list[str]) -> list[tuple[str, Path]]:
     return models
 
 
+def _load_template(name: str):
+    from omegaconf import OmegaConf
+
+    from megatron_sami.models.catalogue import config_dir
+    from megatron_sami.sami.data import PromptTemplate
+    from megatron_sami.typed_config import to_typed
+
+    template_file = config_dir() / "template" / f"{name}.yaml"
+    if not template_file.is_file():
+        raise SamiError(f"unknown template '{name}' (no {template_file}).")
+    return to_typed(PromptTemplate, OmegaConf.load(template_file), "template")
+
+
 def _query_source(spec: str):
     from megatron_sami.expert.queries import QuerySourceConfig
 
@@ -98,20 +148,13 @@ def _evaluate_models(args) -> list[dict]:
     )
     from megatron_sami.expert.generation import GenerationConfig, generate_records, make_backend, read_shards
     from megatron_sami.expert.queries import load_queries, split_queries
-    from megatron_sami.models.catalogue import config_dir
-    from megatron_sami.sami.data import PromptTemplate, parse_record
-    from megatron_sami.typed_config import to_typed
+    from megatron_sami.sami.data import parse_record
 
     models = _models(args.model)
     if not models or args.out is None:
         raise SamiError("give --run-dir RUN, or one or more --model LABEL=HF_DIR and --out OUT.")
     cset = load_constitution_set(args.constitutions)
-    template_file = config_dir() / "template" / f"{args.template}.yaml"
-    if not template_file.is_file():
-        raise SamiError(f"unknown template '{args.template}' (no {template_file}).")
-    from omegaconf import OmegaConf
-
-    template = to_typed(PromptTemplate, OmegaConf.load(template_file), "template")
+    template = _load_template(args.template)
     queries = split_queries(load_queries(_query_source(args.queries)), 0, 0, args.num_queries, args.seed).evaluation
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
     rows = []
@@ -136,8 +179,99 @@ def _evaluate_models(args) -> list[dict]:
     return rows
 
 
+def _judge_config(args):
+    from megatron_sami.judge.client import JudgeConfig
+
+    judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
+                        max_tokens=args.judge_max_tokens, concurrency=args.judge_concurrency,
+                        timeout_s=args.judge_timeout, max_retries=args.judge_retries, backoff_s=args.judge_backoff,
+                        cache_dir=str(args.judge_cache) if args.judge_cache else None)
+    judge.require()
+    return judge
+
+
+def _winrate_run(args, judge) -> tuple[list[dict], Path]:
+    from omegaconf import OmegaConf
+
+    from megatron_sami.expert.iterate import IterateConfig, Run, winrate_rows
+    from megatron_sami.judge.evaluate import parse_baselines, plot_winrates
+    from megatron_sami.typed_config import to_typed
+
+    config_file = args.run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise SamiError(f"{args.run_dir} has no config.yaml; is it a sami-iterate run directory?")
+    cfg = to_typed(IterateConfig, OmegaConf.load(config_file), "iterate")
+    if args.baseline:
+        parse_baselines(args.baseline)
+        cfg.winrate.baselines = list(args.baseline)
+    cfg.winrate.seed = args.position_seed
+    run = Run(cfg, None)
+    exported = [t for t in range(1, cfg.iterations + 1) if (run.model_hf(t) / "config.json").is_file()]
+    if not exported:
+        raise SamiError(f"{args.run_dir} has no exported iteration yet (iterN/hf); let sami-iterate finish one.")
+    rows = winrate_rows([{"iteration": t, "winrate": run.winrate(t, judge)} for t in exported])
+    plot_winrates(rows, args.run_dir / "winrate.png")
+    return rows, args.run_dir / "winrate.png"
+
+
+def _winrate_pair(args, judge) -> tuple[list[dict], Path]:
+    from megatron_sami.expert.constitutions import load_constitution_set
+    from megatron_sami.expert.generation import GenerationConfig, write_jsonl_atomic
+    from megatron_sami.expert.queries import load_queries, split_queries
+    from megatron_sami.judge import evaluate
+
+    if args.out is None:
+        raise SamiError("give --out OUT for the responses, judgements and plot.")
+    cset = load_constitution_set(args.constitutions)
+    if args.test_records or args.baseline_records:
+        if not (args.test_records and args.baseline_records):
+            raise SamiError("give both --test-records and --baseline-records.")
+        test_rows = evaluate.read_response_rows(args.test_records)
+        baseline_rows = evaluate.read_response_rows(args.baseline_records)
+    else:
+        models = _models([f"test={args.test}", f"baseline={args.baseline_model}"] if args.test and args.baseline_model
+                         else [])
+        if not models:
+            raise SamiError("give --run-dir RUN, --test DIR with --baseline-model DIR, or --test-records with "
+                            "--baseline-records.")
+        template = _load_template(args.template)
+        queries = split_queries(load_queries(_query_source(args.queries)), 0, 0, args.num_queries,
+                                args.seed).evaluation
+        generation = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=0.0)
+        test_rows, baseline_rows = (
+            evaluate.generate_responses(path, queries, cset, template, generation, args.principles_per_query,
+                                        args.out / "responses" / label, args.seed) for label, path in models)
+    (args.out / "responses").mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(args.out / "responses" / "test.jsonl", test_rows)
+    write_jsonl_atomic(args.out / "responses" / "baseline.jsonl", baseline_rows)
+    result = evaluate.evaluate_pair(test_rows, baseline_rows, cset, judge, args.out, args.position_seed)
+    rows = [{"label": "test", "iteration": 1, "baseline": "baseline", "result": result}]
+    evaluate.plot_winrates(rows, args.out / "winrate.png")
+    return rows, args.out / "winrate.png"
+
+
+def _winrate(args) -> None:
+    from megatron_sami.judge.evaluate import format_table
+    from megatron_sami.runtime import quiet
+
+    quiet.install()
+    judge = _judge_config(args)
+    rows, plot = _winrate_run(args, judge) if args.run_dir is not None else _winrate_pair(args, judge)
+    print(format_table(rows))
+    print(f"plot: {plot}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "winrate":
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+        try:
+            _winrate(args)
+        except SamiError as err:
+            fail(str(err))
+        return 0
     try:
         if args.run_dir is not None:
             rows = _from_run(args.run_dir)

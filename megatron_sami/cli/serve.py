@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--served-model-name")
     parser.add_argument("--api-key-env", help="name of the environment variable holding the API key")
     parser.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens a request may ask for")
-    parser.add_argument("--default-max-tokens", type=int, default=256)
+    parser.add_argument("--default-max-tokens", type=int, help="when a request gives none (min(256, --max-tokens))")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
     parser.add_argument("--max-prompt-tokens", type=int, default=8192)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])

@@ -47,6 +47,7 @@ from megatron_sami.expert.generation import (
     write_jsonl_atomic,
 )
 from megatron_sami.expert.queries import Query, QuerySourceConfig, load_queries, split_queries
+from megatron_sami.judge import evaluate as winrate
 from megatron_sami.models.catalogue import config_dir
 from megatron_sami.runtime.distributed import logger
 from megatron_sami.sami.data import PromptTemplate, parse_record
@@ -99,6 +100,7 @@ class IterateConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    winrate: winrate.WinRateConfig = field(default_factory=winrate.WinRateConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     export_dtype: str | None = None
     train: dict = field(default_factory=dict)  # sami-train overrides (see configs/train.yaml)
@@ -136,7 +138,8 @@ def override(key: str, value: object) -> str:
 class Run:
     """One run directory: its state, paths and phases."""
 
-    def __init__(self, cfg: IterateConfig, resolved_yaml: str) -> None:
+    def __init__(self, cfg: IterateConfig, resolved_yaml: str | None) -> None:
+        """``resolved_yaml`` None: open an existing run to read or evaluate it, without claiming it."""
         self.cfg = cfg
         self.dir = Path(cfg.run_dir)
         self.cset: ConstitutionSet = load_constitution_set(cfg.constitution_set)
@@ -145,7 +148,8 @@ class Run:
         self._check_train_overrides()
         self._check_paths()
         check_backend_available(cfg.generation)
-        self._claim(resolved_yaml)
+        if resolved_yaml is not None:
+            self._claim(resolved_yaml)
         self.state = json.loads((self.dir / "state.json").read_text()) if (self.dir / "state.json").exists() \
             else {"phases": {}}
         self.started = time.perf_counter()
@@ -243,6 +247,8 @@ class Run:
                        (f"iter{t}/export", lambda t=t: self.export(t))]
             if self.cfg.evaluation.enabled:
                 phases.append((f"iter{t}/evaluate", lambda t=t: self.evaluate(t)))
+            if self.cfg.winrate.enabled:
+                phases.append((f"iter{t}/winrate", lambda t=t: {"winrate": self.winrate(t)}))
         return phases
 
     def _on_signal(self, number, frame) -> None:
@@ -359,9 +365,7 @@ class Run:
 
     def evaluate(self, t: int) -> dict:
         model_dir = self.model_hf(t)
-        generation = GenerationConfig(**{**vars(self.cfg.generation), "temperature": 0.0,
-                                         "max_new_tokens": self.cfg.evaluation.max_new_tokens
-                                         or self.cfg.generation.max_new_tokens})
+        generation = self.eval_generation()
         results = {}
         for split in self.eval_splits():
             label = "learned" if split == "train" else "heldout"
@@ -380,6 +384,50 @@ class Run:
                         results[label]["paper_mi"]["se"])
         return {"mi": results}
 
+    # -- win rates ----------------------------------------------------------------------------------
+    def eval_generation(self) -> GenerationConfig:
+        return GenerationConfig(**{**vars(self.cfg.generation), "temperature": 0.0,
+                                   "max_new_tokens": self.cfg.evaluation.max_new_tokens
+                                   or self.cfg.generation.max_new_tokens})
+
+    def positive_responses(self, label: str, model_dir: Path, iteration: int | None) -> list[dict]:
+        """Greedy positive-constitution responses on the evaluation queries: those of the MI
+        evaluation when it ran with the same principles per query, else generated once."""
+        same_draw = self.cfg.evaluation.enabled and \
+            self.cfg.evaluation.principles_per_query == self.cfg.winrate.principles_per_query
+        if iteration is not None and same_draw:
+            rows = []
+            for split in self.eval_splits():
+                shard_dir = self.dir / "eval" / f"iter{iteration}-{winrate.SPLIT_LABELS[split]}"
+                rows += winrate.response_rows(read_shards(sorted(shard_dir.glob("shard-*.jsonl"))), split)
+            if rows:
+                return rows
+        generation = self.eval_generation()
+        if self.cfg.winrate.max_new_tokens:
+            generation.max_new_tokens = self.cfg.winrate.max_new_tokens
+        return winrate.generate_responses(model_dir, self.queries("eval"), self.cset, self.cfg.template, generation,
+                                          self.cfg.winrate.principles_per_query,
+                                          self.dir / "winrate" / "responses" / label, self.cfg.seed,
+                                          before_shard=self.check_stop)
+
+    def winrate(self, t: int, judge: winrate.JudgeConfig | None = None) -> dict:
+        """Iteration t's responses judged against each baseline's; {baseline: result}."""
+        judge = judge or self.cfg.winrate.judge
+        test_rows = self.positive_responses(f"iter{t}", self.model_hf(t), t)
+        results = {}
+        for label, path in winrate.parse_baselines(self.cfg.winrate.baselines):
+            baseline_rows = self.positive_responses("base", self.model_hf(0), 0) if path is None else \
+                self.positive_responses(label, Path(path), None)
+            results[label] = winrate.evaluate_pair(test_rows, baseline_rows, self.cset, judge,
+                                                   self.dir / "winrate" / f"iter{t}-vs-{label}", self.cfg.winrate.seed,
+                                                   cache_dir=None if judge.cache_dir else
+                                                   self.dir / "winrate" / "judge-cache")
+            overall = results[label]["all"]["win_rate"]
+            logger.info("[iterate] iter%d vs %s: win rate %.3f [%.2f, %.2f] over %d comparisons, length-balanced "
+                        "%.3f", t, label, overall["mean"], overall["low"], overall["high"], overall["n"],
+                        results[label]["all"]["length_balanced"])
+        return results
+
     # -- reports ------------------------------------------------------------------------------------
     def summary(self) -> dict:
         phases = self.state["phases"]
@@ -395,6 +443,8 @@ class Run:
                 row["hf"] = phases[f"iter{t}/export"]["hf"]
             if f"iter{t}/evaluate" in phases:
                 row["mi"] = phases[f"iter{t}/evaluate"]["mi"]
+            if f"iter{t}/winrate" in phases:
+                row["winrate"] = phases[f"iter{t}/winrate"]["winrate"]
             if len(row) > 1:
                 rows.append(row)
         complete = all(self.done(name) for name, _ in self.phases())
@@ -408,6 +458,9 @@ class Run:
         write_json_atomic(self.dir / "summary.json", summary)
         if any("mi" in row for row in summary["iterations"]):
             mi.plot_mi(summary["iterations"], self.dir / "mi.png")
+        rows = winrate_rows(summary["iterations"])
+        if rows:
+            winrate.plot_winrates(rows, self.dir / "winrate.png")
 
     def write_samples(self, count: int = 3) -> None:
         """Side-by-side responses of the base model and the last iteration (positive and negative)."""
@@ -427,6 +480,12 @@ class Run:
                 lines += [f"### {label} constitution", "", "```", row["constitutions"][index], "```", "",
                           f"- base: {row['responses'][index]}", f"- iteration {last}: {other['responses'][index]}", ""]
         (self.dir / "samples.md").write_text("\n".join(lines))
+
+
+def winrate_rows(iterations: list[dict]) -> list[dict]:
+    """Flatten summary rows into {label, iteration, baseline, result} for tables and plots."""
+    return [{"label": f"iter{row['iteration']}", "iteration": row["iteration"], "baseline": baseline, "result": result}
+            for row in iterations for baseline, result in row.get("winrate", {}).items()]
 
 
 def write_json_atomic(path: Path, value: dict) -> None:

@@ -28,11 +28,23 @@ from megatron_sami.expert.constitutions import (
     choose_principles,
     render,
 )
-from megatron_sami.expert.generation import GenerationConfig, generate_records, make_backend, read_shards
-from megatron_sami.expert.generation import write_jsonl_atomic
+from megatron_sami.expert.generation import (
+    GenerationConfig,
+    generate_records,
+    make_backend,
+    read_shards,
+    write_jsonl_atomic,
+)
 from megatron_sami.expert.queries import Query
 from megatron_sami.judge.client import JudgeClient, JudgeConfig
-from megatron_sami.judge.winrate import Comparison, judge_messages, parse_verdict, summarize, test_is_first, test_score
+from megatron_sami.judge.winrate import (
+    Comparison,
+    judge_messages,
+    parse_verdict,
+    summarize,
+    placed_first,
+    win_score,
+)
 from megatron_sami.sami.data import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -85,7 +97,7 @@ def sampling_for(cset: ConstitutionSet, split: str, principles_per_query: int) -
 
 
 def splits_of(cset: ConstitutionSet) -> list[str]:
-    return [split for split in ("train", "heldout") if cset.pool(split)]
+    return [split for split in ("train", "heldout") if any(p.split == split for p in cset.principles)]
 
 
 def response_rows(records: list[dict], split: str) -> list[dict]:
@@ -159,7 +171,7 @@ def judge_comparisons(comparisons: list[Comparison], client: JudgeClient, seed: 
     start, progress, asked = time.perf_counter(), threading.Lock(), [0]
 
     def judge(comparison: Comparison) -> dict:
-        test_first = test_is_first(comparison, seed)
+        test_first = placed_first(comparison, seed)
         reply = client.complete(judge_messages(comparison, seed))
         verdict = parse_verdict(reply.text) if reply.text is not None else None
         if not reply.cached:
@@ -171,7 +183,7 @@ def judge_comparisons(comparisons: list[Comparison], client: JudgeClient, seed: 
                                 asked[0] / elapsed, elapsed / asked[0] * (len(uncached) - asked[0]))
         return {"key": comparison.key, "query_id": comparison.query_id, "split": comparison.split,
                 "principle": comparison.principle, "test_first": test_first, "verdict": verdict,
-                "score": test_score(verdict, test_first), "status": reply.status, "judge_reply": reply.text,
+                "score": win_score(verdict, test_first), "status": reply.status, "judge_reply": reply.text,
                 "test": comparison.test, "baseline": comparison.baseline}
 
     with ThreadPoolExecutor(max_workers=client.cfg.concurrency) as pool:

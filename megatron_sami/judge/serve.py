@@ -35,7 +35,7 @@ class ServeConfig:
     served_model_name: str | None = None  # default: the directory's name
     api_key_env: str | None = None  # name of the variable holding the key clients must send
     max_tokens: int = 1024  # the most new tokens one request may ask for
-    default_max_tokens: int = 256
+    default_max_tokens: int | None = None  # when a request gives none; null: min(256, max_tokens)
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
     dtype: str = "auto"
@@ -43,6 +43,8 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ConfigError(f"{self.model_dir} is not an HF model directory (no config.json).")
+        if self.default_max_tokens is None:
+            self.default_max_tokens = min(256, self.max_tokens)
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError("--default-max-tokens cannot exceed --max-tokens.")
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -80,6 +82,12 @@ class Generator:
         # Base models have no chat template: a plain transcript the model continues.
         turns = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
         return "\n\n".join(turns) + "\n\nAssistant:"
+
+    def prompt_limit(self, max_tokens: int) -> int:
+        """Prompt tokens a request may send: the configured limit, and what the model's context
+        leaves after the new tokens."""
+        context = getattr(self.backend.model.config, "max_position_embeddings", None) or self.cfg.max_prompt_tokens
+        return min(self.cfg.max_prompt_tokens, context - max_tokens)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -211,10 +219,10 @@ class Handler(BaseHTTPRequestHandler):
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str) or not prompt:
                     raise RequestError(400, "prompt must be a non-empty string (one prompt per request).")
-            prompt_tokens = self.generator.count_tokens(prompt)
-            if prompt_tokens > self.cfg.max_prompt_tokens:
-                raise RequestError(400, f"the prompt has {prompt_tokens} tokens, more than this server's limit of "
-                                        f"{self.cfg.max_prompt_tokens}.")
+            prompt_tokens, limit = self.generator.count_tokens(prompt), self.generator.prompt_limit(params["max_tokens"])
+            if prompt_tokens > limit:
+                raise RequestError(400, f"the prompt has {prompt_tokens} tokens; with max_tokens={params['max_tokens']} "
+                                        f"this server takes at most {limit}: shorten it or ask for fewer tokens.")
             text, finish, completion_tokens = self.generator.generate(prompt, params)
         except RequestError as err:
             self._error(err)

@@ -52,7 +52,7 @@ class Comparison:
         return f"{self.split}/{self.principle}/{self.query_id}"
 
 
-def test_is_first(comparison: Comparison, seed: int) -> bool:
+def placed_first(comparison: Comparison, seed: int) -> bool:
     """Whether the test response is shown as A: a fixed coin per (seed, comparison), independent
     of the order comparisons are made in and of every other comparison."""
     digest = hashlib.sha256(f"{seed}:{comparison.key}".encode()).digest()
@@ -60,7 +60,7 @@ def test_is_first(comparison: Comparison, seed: int) -> bool:
 
 
 def judge_messages(comparison: Comparison, seed: int) -> list[dict]:
-    first, second = ((comparison.test, comparison.baseline) if test_is_first(comparison, seed)
+    first, second = ((comparison.test, comparison.baseline) if placed_first(comparison, seed)
                      else (comparison.baseline, comparison.test))
     prompt = JUDGE_PROMPT.format(principle=comparison.principle_text, query=comparison.query,
                                  response_a=first, response_b=second)
@@ -80,7 +80,7 @@ def parse_verdict(text: str) -> str | None:
     return letters.pop() if len(letters) == 1 else None
 
 
-def test_score(verdict: str | None, test_first: bool) -> float:
+def win_score(verdict: str | None, test_first: bool) -> float:
     """1 when the judge preferred the test response, 0 when the baseline, 0.5 when undecided."""
     if verdict is None:
         return 0.5
