@@ -11,10 +11,10 @@ from megatron_sami.judge.winrate import (
     judge_messages,
     length_balanced,
     parse_verdict,
-    summarize,
     placed_first,
-    win_score,
+    summarize,
     win_rate,
+    win_score,
 )
 
 
@@ -62,7 +62,7 @@ def test_placement_is_seeded_balanced_and_order_independent():
     assert placements == [placed_first(item, seed=3) for item in items]
     shuffled = items[:]
     random.Random(0).shuffle(shuffled)
-    assert {i.key: placed_first(i, 3) for i in shuffled} == {i.key: p for i, p in zip(items, placements)}
+    assert {i.key: placed_first(i, 3) for i in shuffled} == {i.key: p for i, p in zip(items, placements, strict=True)}
     assert placements != [placed_first(item, seed=4) for item in items]
 
 
@@ -76,7 +76,7 @@ def straightforward_interval(scores):
 
 def straightforward_length_balanced(scores, test_lengths, baseline_lengths):
     longer, not_longer = [], []
-    for score, t, b in zip(scores, test_lengths, baseline_lengths):
+    for score, t, b in zip(scores, test_lengths, baseline_lengths, strict=True):
         (longer if t > b else not_longer).append(score)
     groups = [g for g in (longer, not_longer) if g]
     return sum(sum(g) / len(g) for g in groups) / len(groups)
@@ -89,7 +89,7 @@ def test_interval_and_length_balance_match_straightforward_implementations():
     baseline_lengths = [rng.randint(10, 300) for _ in scores]
     rate = win_rate(scores)
     assert (rate.mean, rate.low, rate.high) == pytest.approx(straightforward_interval(scores), abs=1e-12)
-    longer = [t > b for t, b in zip(test_lengths, baseline_lengths)]
+    longer = [t > b for t, b in zip(test_lengths, baseline_lengths, strict=True)]
     assert length_balanced(scores, longer) == pytest.approx(
         straightforward_length_balanced(scores, test_lengths, baseline_lengths), abs=1e-12)
     # A judge that always picks the longer response is exactly neutral once lengths are balanced.

@@ -41,8 +41,8 @@ from megatron_sami.judge.winrate import (
     Comparison,
     judge_messages,
     parse_verdict,
-    summarize,
     placed_first,
+    summarize,
     win_score,
 )
 from megatron_sami.sami.data import PromptTemplate
