@@ -141,6 +141,11 @@ def report(run_dir: Path) -> int:
         print(f"{label}: base {first[key]['mean']:.3f} -> iteration {rows[-1]['iteration']} "
               f"{final[key]['mean']:.3f} nats ({'rose' if change > 0 else 'did not rise'} by {change:+.3f}; "
               f"standard errors {first[key]['se']:.3f} / {final[key]['se']:.3f}, n = {final[key]['n']})")
+    for path in sorted((run_dir / "winrate").glob("iter*-vs-base/result.json")):
+        result = json.loads(path.read_text())["all"]
+        rate = result["win_rate"]
+        print(f"{path.parent.name}: win rate {rate['mean']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}] over {rate['n']} "
+              f"judged comparisons ({result['undecided']} undecided), length-balanced {result['length_balanced']:.3f}")
     samples = run_dir / "samples.md"
     if samples.is_file():
         print(samples.read_text())

@@ -248,3 +248,22 @@ def test_winrate_of_two_checkpoints_judged_by_sami_serve(served, models, tmp_pat
     assert {row["id"] for row in test_rows} == {row["query_id"] for row in judged}
     assert (out / "winrate.png").stat().st_size > 0
     assert "win rate" in result.stdout and "learned" in result.stdout
+
+
+def test_learned_and_heldout_principles_are_reported_separately(tmp_path):
+    cset = load_constitution_set("diverse_summarization")
+    learned, heldout = [p.name for p in cset.pool("train")[:2]], [p.name for p in cset.pool("heldout")[:2]]
+    test_rows, baseline_rows = [], []
+    for index in range(4):
+        for split, names in (("train", learned), ("heldout", heldout)):
+            common = {"id": f"q{index}", "query": f"post {index}", "split": split, "principles": names}
+            # the test model wins on learned principles, loses on held-out ones
+            test_rows.append(common | {"response": "summary" + (" GOOD" if split == "train" else "")})
+            baseline_rows.append(common | {"response": "other" + (" GOOD" if split == "heldout" else "")})
+    with FakeJudge() as judge:
+        result = evaluate_pair(test_rows, baseline_rows, cset, judge_config(judge.url), tmp_path, seed=1)
+    assert set(result["splits"]) == {"learned", "heldout"}
+    assert result["splits"]["learned"]["win_rate"]["mean"] == 1.0
+    assert result["splits"]["heldout"]["win_rate"]["mean"] == 0.0
+    assert set(result["splits"]["heldout"]["principles"]) == set(heldout)
+    assert all(block["win_rate"]["n"] == 4 for block in result["splits"]["learned"]["principles"].values())
