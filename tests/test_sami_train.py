@@ -57,10 +57,13 @@ def test_training_raises_the_diagonal_and_the_mi_bound(setup, tmp_path):
     assert list((run_dir / "tensorboard").iterdir())
 
 
-@pytest.mark.parametrize(("optimizer", "dtype"), [("adam", "fp32"), ("rmsprop", "fp32"), ("adam", "bf16")])
-def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer, dtype):
-    """Also BF16 with megatron's non-distributed optimizer (fp32 master weights in the checkpoint)."""
-    overrides = ("steps=6", "save_interval=2", "optimizer.use_distributed_optimizer=false", f"optimizer.name={optimizer}")
+@pytest.mark.parametrize(("optimizer", "dtype", "distributed"), [
+    ("adam", "fp32", False), ("rmsprop", "fp32", False), ("adam", "bf16", False), ("adam", "fp32", True),
+    ("adam", "bf16", True)])
+def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer, dtype, distributed):
+    """Also BF16 (fp32 master weights in the checkpoint), with and without the distributed optimizer."""
+    overrides = ("steps=6", "save_interval=2", f"optimizer.use_distributed_optimizer={str(distributed).lower()}",
+                 f"optimizer.name={optimizer}")
     reference_dir = tmp_path / "uninterrupted"
     done = subprocess.run(train_command(setup, reference_dir, *overrides, dtype=dtype), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
