@@ -75,13 +75,19 @@ def hf_matrices(hf_dir: str, items: list[dict], num_constitutions: int, reductio
 
 
 def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
-                      tensor: int, pipeline: int, reduction: str) -> torch.Tensor:
+                      tensor: int, pipeline: int, reduction: str, trim: bool = False) -> torch.Tensor:
+    """With ``trim``, the batches lose their unused padding columns first, as the trainer does."""
+    from megatron_sami.sami.trainer import trim_padding
+
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel):
         config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
         items = tokenized(tokenizer_dir, num_queries, num_constitutions)
-        return score_matrices(model, [collate([item]) for item in items], num_constitutions, config.vocab_size,
-                              reduction)
+        micro = [collate([item]) for item in items]
+        if trim:
+            micro, length = trim_padding(micro, SEQ_LENGTH, 16 * tensor)
+            assert length < SEQ_LENGTH and length % (16 * tensor) == 0
+        return score_matrices(model, micro, num_constitutions, config.vocab_size, reduction)
 
 
 def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,

@@ -27,6 +27,29 @@ def test_megatron_matrices_equal_transformers(model_dirs, tensor, pipeline, redu
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("tensor", "pipeline"), [(2, 1), (1, 2)], ids=["TP2", "PP2"])
+def test_trimming_unused_padding_leaves_the_matrices_unchanged(model_dirs, tensor, pipeline):
+    hf_dir, ckpt = model_dirs
+    expected = sami_jobs.hf_matrices(hf_dir, sami_jobs.tokenized(hf_dir, 3, 3), 3, "mean")  # full padding
+    for got in run_distributed(sami_jobs.megatron_matrices, tensor * pipeline, ckpt, hf_dir, 3, 3, tensor,
+                               pipeline, "mean", True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_trim_padding_keeps_every_used_token():
+    from megatron_sami.sami.trainer import trim_padding, used_lengths
+
+    mask = torch.zeros(4, 64)
+    for row, (start, end) in enumerate([(3, 10), (5, 21), (2, 7), (9, 15)]):
+        mask[row, start:end] = 1
+    micro = [{"tokens": torch.arange(256).view(4, 64), "loss_mask": mask}]
+    trimmed, length = trim_padding(micro, 64, 8)
+    assert length == 24 and trimmed[0]["loss_mask"].sum() == mask.sum()
+    assert torch.equal(trimmed[0]["tokens"], micro[0]["tokens"][:, :24])
+    assert used_lengths(mask).tolist() == [10, 21, 7, 15]
+    assert trim_padding(micro, 20, 8)[1] == 20  # never beyond seq_length
+
+
 @pytest.fixture(scope="module")
 def single_process_reference(model_dirs):
     hf_dir, ckpt = model_dirs

@@ -213,6 +213,17 @@ def initialize(
     return info
 
 
+def collective_device():
+    """Where small tensors must be for a collective: the current GPU under NCCL (which cannot
+    reduce CPU tensors), the CPU under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def teardown() -> None:
     """Destroy Megatron's groups and the default process group (safe to call twice)."""
     import torch.distributed as dist

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_sami.runtime.distributed import collective_device
 from megatron_sami.sami.objective import SamiLossConfig, sami_loss, sequence_logprobs
 from megatron_sami.training.lm import position_ids_like
 
@@ -92,7 +93,8 @@ def score_matrices(model: torch.nn.Module, microbatches: list[dict[str, torch.Te
             micro_batch_size=microbatches[0]["tokens"].shape[0], forward_only=True, collect_non_loss_data=True)
     num_queries = sum(mb["tokens"].shape[0] for mb in microbatches) // num_constitutions**2
     shape = (num_queries, num_constitutions, num_constitutions)
-    logp_BCC = torch.cat(collected).contiguous() if parallel_state.is_pipeline_last_stage() else torch.zeros(shape)
+    logp_BCC = torch.cat(collected).contiguous() if parallel_state.is_pipeline_last_stage() else \
+        torch.zeros(shape, device=collective_device())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(logp_BCC, group=parallel_state.get_pipeline_model_parallel_group())
     return logp_BCC

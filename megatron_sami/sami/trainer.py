@@ -28,7 +28,7 @@ from megatron_sami.conversion import convert
 from megatron_sami.errors import ConfigError, Preempted
 from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.config import PrecisionConfig
-from megatron_sami.runtime.distributed import logger, megatron_runtime
+from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.sami.data import DataError, PromptTemplate, collate, read_records, tokenize_records
 from megatron_sami.sami.objective import SamiLossConfig
@@ -104,6 +104,22 @@ def query_order(num_queries: int, position: int, count: int, seed: int) -> list[
     return order
 
 
+def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
+    """Tokens each sequence really uses: the response, which the mask marks, ends it."""
+    positions = torch.arange(1, mask_NT.shape[1] + 1, dtype=mask_NT.dtype)
+    return (mask_NT * positions).amax(dim=1)
+
+
+def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple: int) -> tuple[list[dict], int]:
+    """Drop the padding columns no sequence of the step uses (the length rounded up to
+    ``multiple`` and at most ``seq_length``). Attention is causal and the padding trails every
+    sequence, so the real tokens' values are unchanged; every microbatch of the step keeps one
+    length, as pipeline stages exchange fixed shapes."""
+    used = int(max(used_lengths(m["loss_mask"]).max() for m in micro))
+    length = min(seq_length, -(-used // multiple) * multiple)
+    return [{key: value[:, :length] for key, value in m.items()} for m in micro], length
+
+
 def _rng_state() -> dict:
     from megatron.core import tensor_parallel
 
@@ -176,6 +192,18 @@ def load_training_state(path: Path, ddp_model, optimizer) -> dict:
     return trainer_state
 
 
+def step_token_counts(micro: list[dict[str, torch.Tensor]], data_parallel_size: int) -> tuple[float, float]:
+    """(used, processed) tokens of the global batch, summed over data-parallel ranks."""
+    from megatron.core import parallel_state
+
+    counts = torch.tensor([float(sum(used_lengths(m["loss_mask"]).sum() for m in micro)),
+                           float(sum(m["loss_mask"].numel() for m in micro))], dtype=torch.float64,
+                          device=collective_device())
+    if data_parallel_size > 1:
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    return float(counts[0]), float(counts[1])
+
+
 class MetricsWriter:
     """metrics.jsonl (rank 0) and TensorBoard; on resume, steps after the checkpoint are dropped."""
 
@@ -227,7 +255,7 @@ class StopRequest:
         logger.warning("received %s: checkpointing after this step", signal.Signals(number).name)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -278,7 +306,8 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         dp_rank = parallel_state.get_data_parallel_rank()
         per_rank = cfg.queries_per_step // info.data_parallel_size
         stop_requested.install()
-        flops_per_token = model_config.training_flops_per_token(cfg.data.seq_length)
+        # Trimmed lengths stay divisible by TP (sequence parallelism) and by 16 (FP8 GEMMs).
+        multiple = 16 * cfg.parallel.tensor
         peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
         start, first_step = time.perf_counter(), step + 1
         last_saved = resume_from
@@ -290,15 +319,17 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
             micro = [collate(mine[i * cfg.queries_per_microbatch:(i + 1) * cfg.queries_per_microbatch])
                      for i in range(num_microbatches)]
+            micro, length = trim_padding(micro, cfg.data.seq_length, multiple)
             lr = cfg.lr_schedule.at(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()
-            result = train_step(ddp_model, optimizer, forward_step, iter(micro), num_microbatches,
-                                cfg.data.seq_length, micro[0]["tokens"].shape[0])
+            result = train_step(ddp_model, optimizer, forward_step, iter(micro), num_microbatches, length,
+                                micro[0]["tokens"].shape[0])
             step_time = time.perf_counter() - data_start
-            tokens = int(sum(float(m["loss_mask"].numel()) for m in micro)) * info.data_parallel_size
-            tflops = flops_per_token * tokens / step_time / info.launch.world_size / 1e12
+            # tokens: what the sequences use; processed: with the step's padding (what the GPUs compute)
+            tokens, processed = step_token_counts(micro, info.data_parallel_size)
+            tflops = model_config.training_flops_per_token(length) * processed / step_time / info.launch.world_size / 1e12
             row = {"step": step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
                    "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time,
                    "tokens_per_s_per_gpu": tokens / step_time / info.launch.world_size, "step_time_s": step_time,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sami.errors import ConfigError
+from megatron_sami.runtime.distributed import collective_device
 
 
 @dataclass
@@ -193,6 +194,7 @@ def reduce_logs(microbatch_logs: list[dict]) -> dict[str, float]:
         values += torch.tensor([float(logs[key]) for key in keys], dtype=torch.float64)
     if microbatch_logs:
         values /= len(microbatch_logs)
+    values = values.to(collective_device())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
     dist.all_reduce(values, group=parallel_state.get_data_parallel_group())

@@ -1,0 +1,198 @@
+"""SAMI training speed: ``sami-train`` (Megatron-Core, TP=1) against a plain transformers loop.
+
+    .venv/bin/python benchmarks/train_throughput.py [--model synthetic|smollm2] [--steps 4]
+        [--queries-per-step 4] [--constitutions 2] [--response-words 40] [--workdir /tmp/sami-bench-train]
+
+Both train the same model on the same records with the same loss and AdamW, one query per
+microbatch, fp32 on CPU (bf16 on a GPU). The plain loop is what a researcher writes first:
+for each query, the C x C (prompt k, response j) sequences padded to their longest, one
+``AutoModelForCausalLM`` forward, masked mean log-probs, the two-sided InfoNCE, backward, and
+an optimizer step per global batch. ``sami-train`` runs at two ``data.seq_length`` settings:
+the tightest that fits, and a loose 1024 (what a config written for real data holds), which
+shows what trimming unused padding per step saves. The first step of each is a warm-up and is
+not timed. Prints seconds per query and tokens per query side by side, and the ratios.
+Issue 4's target: sami-train no slower than the plain loop on CPU at TP=1 (ratio >= 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WORDS = ("the a careful answer explains each step clearly and safely so that anyone can follow it without harm "
+         "while staying brief honest kind and useful to the person asking about their problem at home").split()
+
+
+def make_model(kind: str, workdir: Path) -> Path:
+    if kind == "smollm2":
+        from megatron_sami.models.gguf import smollm2_hf_dir
+
+        return smollm2_hf_dir()
+    from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
+
+    model_dir = workdir / "synthetic-hf"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = make_tiny_tokenizer(model_dir, vocab_size=2000, corpus=[" ".join(WORDS)] * 50)
+        make_tiny_hf_model("llama", model_dir, vocab_size=len(tokenizer), hidden_size=256, intermediate_size=688,
+                           num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048, num_layers=4)
+    return model_dir
+
+
+def make_records(path: Path, num_queries: int, num_constitutions: int, response_words: int) -> None:
+    from megatron_sami.expert.constitutions import load_constitution_set
+
+    principles = load_constitution_set("dialogue").principles
+    rng = random.Random(0)
+    with path.open("w") as handle:
+        for index in range(num_queries):
+            constitutions = [f"1. {principles[0].text(c % 2 == 0)}\n2. {principles[1].text(c < 2)}"
+                             for c in range(num_constitutions)]
+            responses = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(response_words // 2, response_words)))
+                         + "." for _ in range(num_constitutions)]
+            handle.write(json.dumps({"id": f"q{index}", "query": f"How do I fix problem {index} at home?",
+                                     "constitutions": constitutions, "responses": responses}) + "\n")
+
+
+def tightest_seq_length(model_dir: Path, records: Path) -> int:
+    from transformers import AutoTokenizer
+
+    from megatron_sami.sami.data import PromptTemplate, read_records, tokenize_record
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    longest = 0
+    for record in read_records(records):
+        mask = tokenize_record(record, tokenizer, PromptTemplate(), 4096)["loss_mask"]
+        longest = max(longest, int((mask * torch.arange(1, mask.shape[1] + 1)).amax()))
+    return -(-longest // 16) * 16
+
+
+def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_length: int, dtype: str) -> dict:
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+               "-m", "megatron_sami.cli.train", f"checkpoint={checkpoint}", f"data.records={records}",
+               f"run_dir={run_dir}", f"steps={args.steps}", f"queries_per_step={args.queries_per_step}",
+               "queries_per_microbatch=1", f"data.seq_length={seq_length}", f"precision.params_dtype={dtype}",
+               "optimizer.use_distributed_optimizer=false", "optimizer.lr=1e-5", "save_interval=0"]
+    subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    seconds = statistics.fmean(row["step_time_s"] for row in rows)
+    tokens = statistics.fmean(row["tokens_per_s"] * row["step_time_s"] for row in rows)
+    return {"s_per_query": seconds / args.queries_per_step, "tokens_per_query": tokens / args.queries_per_step,
+            "loss": rows[-1]["loss"]}
+
+
+def plain_sequences(tokenizer, record: dict) -> tuple[list[list[int]], list[int]]:
+    """The C*C token lists (prompt k + response j) and where each response starts."""
+    from megatron_sami.sami.data import PromptTemplate
+
+    template = PromptTemplate()
+    sequences, starts = [], []
+    for constitution in record["constitutions"]:
+        prompt = tokenizer(template.render(constitution, record["query"]))["input_ids"]
+        for response in record["responses"]:
+            sequences.append(prompt + tokenizer(" " + response, add_special_tokens=False)["input_ids"])
+            starts.append(len(prompt))
+    return sequences, starts
+
+
+def plain_query_loss(model, tokenizer, record: dict, device: str) -> tuple[torch.Tensor, int]:
+    sequences, starts = plain_sequences(tokenizer, record)
+    count = len(record["constitutions"])
+    width = max(len(s) for s in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width - 1)
+    for row, (sequence, start) in enumerate(zip(sequences, starts, strict=True)):
+        ids[row, :len(sequence)] = torch.tensor(sequence)
+        mask[row, start - 1:len(sequence) - 1] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(ids).logits[:, :-1].float()
+    token_logp = logits.log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    scores = ((token_logp * mask).sum(1) / mask.sum(1)).view(count, count)  # [constitution k, response j]
+    target = torch.arange(count, device=device)
+    loss = 0.5 * (torch.nn.functional.cross_entropy(scores, target)
+                  + torch.nn.functional.cross_entropy(scores.t(), target))
+    return loss, ids.numel()
+
+
+def run_plain(model_dir: Path, records: Path, args, dtype: str) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
+    rows = [json.loads(line) for line in records.read_text().splitlines()]
+    times, token_counts, loss = [], [], 0.0
+    for step in range(args.steps):
+        start, tokens = time.perf_counter(), 0
+        batch = rows[step * args.queries_per_step:(step + 1) * args.queries_per_step]
+        for record in batch:
+            loss_q, count = plain_query_loss(model, tokenizer, record, device)
+            (loss_q / len(batch)).backward()
+            tokens += count
+            loss = float(loss_q)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step warms up
+            times.append(time.perf_counter() - start)
+            token_counts.append(tokens)
+    return {"s_per_query": statistics.fmean(times) / args.queries_per_step,
+            "tokens_per_query": statistics.fmean(token_counts) / args.queries_per_step, "loss": loss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--queries-per-step", type=int, default=4)
+    parser.add_argument("--constitutions", type=int, default=2)
+    parser.add_argument("--response-words", type=int, default=40)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sami-bench-train"))
+    args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (the first step is a warm-up)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    model_dir = make_model(args.model, args.workdir)
+    records = args.workdir / "records.jsonl"
+    make_records(records, args.steps * args.queries_per_step, args.constitutions, args.response_words)
+    checkpoint = args.workdir / f"{args.model}-megatron"
+    if not (checkpoint / "model.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "megatron_sami.cli.convert", "hf-to-megatron", str(model_dir),
+                        str(checkpoint), "--overwrite"], check=True, capture_output=True, cwd=ROOT)
+    tight = tightest_seq_length(model_dir, records)
+    print(f"model {args.model} ({model_dir}), {dtype}, C={args.constitutions}, {args.queries_per_step} queries/step, "
+          f"{args.steps - 1} timed steps, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
+    results = {"plain transformers loop": run_plain(model_dir, records, args, dtype),
+               f"sami-train seq_length={tight} (tightest)": run_sami_train(checkpoint, records,
+                                                                         args.workdir / "run-tight", args, tight,
+                                                                         dtype),
+               "sami-train seq_length=1024": run_sami_train(checkpoint, records, args.workdir / "run-loose", args,
+                                                            1024, dtype)}
+    plain = results["plain transformers loop"]
+    print(f"{'':44} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}")
+    for name, result in results.items():
+        print(f"{name:44} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} "
+              f"{plain['s_per_query'] / result['s_per_query']:>14.2f}x")
+    print("speed vs plain > 1: sami-train is faster (target >= 1 on CPU at TP=1). Tokens: the plain loop counts its "
+          "padded batch; sami-train the tokens the sequences use.")
+
+
+if __name__ == "__main__":
+    main()
