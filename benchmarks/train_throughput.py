@@ -66,15 +66,26 @@ def make_records(path: Path, num_queries: int, num_constitutions: int, response_
                                      "constitutions": constitutions, "responses": responses}) + "\n")
 
 
+def dialogue_template():
+    """The template sami-train uses by default (configs/template/dialogue.yaml)."""
+    from omegaconf import OmegaConf
+
+    from megatron_sami.models.catalogue import config_dir
+    from megatron_sami.sami.data import PromptTemplate
+    from megatron_sami.typed_config import to_typed
+
+    return to_typed(PromptTemplate, OmegaConf.load(config_dir() / "template" / "dialogue.yaml"), "template")
+
+
 def tightest_seq_length(model_dir: Path, records: Path) -> int:
     from transformers import AutoTokenizer
 
-    from megatron_sami.sami.data import PromptTemplate, read_records, tokenize_record
+    from megatron_sami.sami.data import read_records, tokenize_record
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     longest = 0
     for record in read_records(records):
-        mask = tokenize_record(record, tokenizer, PromptTemplate(), 4096)["loss_mask"]
+        mask = tokenize_record(record, tokenizer, dialogue_template(), 4096)["loss_mask"]
         longest = max(longest, int((mask * torch.arange(1, mask.shape[1] + 1)).amax()))
     return -(-longest // 16) * 16
 
@@ -96,14 +107,13 @@ def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_len
 
 def plain_sequences(tokenizer, record: dict) -> tuple[list[list[int]], list[int]]:
     """The C*C token lists (prompt k + response j) and where each response starts."""
-    from megatron_sami.sami.data import PromptTemplate
-
-    template = PromptTemplate()
+    template = dialogue_template()
     sequences, starts = [], []
     for constitution in record["constitutions"]:
         prompt = tokenizer(template.render(constitution, record["query"]))["input_ids"]
         for response in record["responses"]:
-            sequences.append(prompt + tokenizer(" " + response, add_special_tokens=False)["input_ids"])
+            sequences.append(prompt + tokenizer(template.response_prefix + response,
+                                                add_special_tokens=False)["input_ids"])
             starts.append(len(prompt))
     return sequences, starts
 
@@ -145,7 +155,7 @@ def run_plain(model_dir: Path, records: Path, args, dtype: str) -> dict:
             loss_q, count = plain_query_loss(model, tokenizer, record, device)
             (loss_q / len(batch)).backward()
             tokens += count
-            loss = float(loss_q)
+            loss = float(loss_q.detach())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -116,3 +116,13 @@ def test_summary_splits_principles_and_counts():
     helpful = [r["score"] for r in rows if r["principle"] == "helpful"]
     assert learned["principles"]["helpful"]["win_rate"]["mean"] == pytest.approx(sum(helpful) / len(helpful))
     assert learned["lengths"]["test_longer_fraction"] == pytest.approx(3 / 6)
+
+
+def test_the_judge_sees_the_constitution_and_the_principle_judged():
+    item = Comparison("q1", "How do I fix a leak?", "learned", "harmless", "Avoid harm.", "test text",
+                      "baseline text", constitution="1. Be helpful.\n2. Avoid harm.")
+    system, user = judge_messages(item, seed=0)
+    assert system["role"] == "system" and user["role"] == "user"
+    assert "1. Be helpful.\n2. Avoid harm." in user["content"] and "principle of the constitution: Avoid harm." in \
+        user["content"]
+    assert "How do I fix a leak?" in user["content"] and user["content"].rstrip().endswith('"Preferred: B".')

@@ -150,12 +150,15 @@ def make_comparisons(test_rows: list[dict], baseline_rows: list[dict], cset: Con
         other = baseline.get((row["split"], row["id"]))
         if other is None:
             continue
+        unknown = [name for name in row["principles"] if name not in definitions]
+        if unknown:
+            raise SamiError(f"principle '{unknown[0]}' of query {row['id']} is not in the constitution set "
+                            f"'{cset.name}'; evaluate with the set the responses were generated under.")
+        constitution = row.get("constitution") or "\n".join(
+            f"{number}. {definitions[name]}" for number, name in enumerate(row["principles"], start=1))
         for name in row["principles"]:
-            if name not in definitions:
-                raise SamiError(f"principle '{name}' of query {row['id']} is not in the constitution set "
-                                f"'{cset.name}'; evaluate with the set the responses were generated under.")
             comparisons.append(Comparison(row["id"], row["query"], SPLIT_LABELS.get(row["split"], row["split"]), name,
-                                          definitions[name], row["response"], other["response"]))
+                                          definitions[name], row["response"], other["response"], constitution))
     if not comparisons:
         raise SamiError("the test and baseline responses share no query; generate both on the same queries.")
     return comparisons

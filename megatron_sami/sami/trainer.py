@@ -14,6 +14,7 @@ Run directory:
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import time
@@ -307,7 +308,7 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         per_rank = cfg.queries_per_step // info.data_parallel_size
         stop_requested.install()
         # Trimmed lengths stay divisible by TP (sequence parallelism) and by 16 (FP8 GEMMs).
-        multiple = 16 * cfg.parallel.tensor
+        multiple = math.lcm(16, cfg.parallel.tensor)
         peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
         start, first_step = time.perf_counter(), step + 1
         last_saved = resume_from
