@@ -125,9 +125,14 @@ def layer_spec(model: ModelConfig, backend: Backend, fp8: str | None = None):
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=backend.moe_grouped_gemm, fp8=fp8
         )
-    return specs.get_gpt_layer_local_spec(
+    from megatron_sami.models.sdpa_attention import SDPAttention
+
+    spec = specs.get_gpt_layer_local_spec(
         num_experts=model.num_experts, moe_grouped_gemm=False, normalization="RMSNorm"
     )
+    # torch's fused attention instead of megatron's unfused local one (same math, see the module).
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_gpt_model(
