@@ -166,6 +166,16 @@ def run_plain(model_dir: Path, records: Path, args, dtype: str) -> dict:
             "tokens_per_query": statistics.fmean(token_counts) / args.queries_per_step, "loss": loss}
 
 
+def run_plain_process(args) -> dict:
+    """The plain loop in its own process, as sami-train runs in its own: neither inherits the
+    other's threads or allocator state."""
+    out = args.workdir / "plain.json"
+    subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps), "--queries-per-step",
+                    str(args.queries_per_step), "--workdir", str(args.workdir), "--plain-only", str(out)],
+                   check=True, capture_output=True, text=True)
+    return json.loads(out.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["synthetic", "smollm2"], default="synthetic")
@@ -174,11 +184,16 @@ def main() -> None:
     parser.add_argument("--constitutions", type=int, default=2)
     parser.add_argument("--response-words", type=int, default=40)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sami-bench-train"))
+    parser.add_argument("--plain-only", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop's process
     args = parser.parse_args()
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    if args.plain_only:
+        result = run_plain(make_model(args.model, args.workdir), args.workdir / "records.jsonl", args, dtype)
+        args.plain_only.write_text(json.dumps(result))
+        return
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up)")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    dtype = "bf16" if torch.cuda.is_available() else "fp32"
     model_dir = make_model(args.model, args.workdir)
     records = args.workdir / "records.jsonl"
     make_records(records, args.steps * args.queries_per_step, args.constitutions, args.response_words)
@@ -189,7 +204,7 @@ def main() -> None:
     tight = tightest_seq_length(model_dir, records)
     print(f"model {args.model} ({model_dir}), {dtype}, C={args.constitutions}, {args.queries_per_step} queries/step, "
           f"{args.steps - 1} timed steps, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
-    results = {"plain transformers loop": run_plain(model_dir, records, args, dtype),
+    results = {"plain transformers loop": run_plain_process(args),
                f"sami-train seq_length={tight} (tightest)": run_sami_train(checkpoint, records,
                                                                          args.workdir / "run-tight", args, tight,
                                                                          dtype),

@@ -38,12 +38,13 @@ def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.
         return logits_NTV  # hidden states on their way to the next stage
     local_vocab = logits_NTV.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * local_vocab
-    is_padding_V = torch.arange(first, first + local_vocab, device=logits_NTV.device) >= vocab_size
-    logits_NTV = logits_NTV.float().masked_fill(is_padding_V, float("-inf"))
-    # megatron-core's kernel takes [S, B, V]; the NLL comes back as [S, B].
-    nll_TN = tensor_parallel.vocab_parallel_cross_entropy(logits_NTV.transpose(0, 1).contiguous(),
-                                                          labels_NT.transpose(0, 1).contiguous())
-    return nll_TN.transpose(0, 1)
+    logits_NTV = logits_NTV.float()
+    if first + local_vocab > vocab_size:  # this rank holds padding rows: mask them (one copy of the logits)
+        is_padding_V = torch.arange(first, first + local_vocab, device=logits_NTV.device) >= vocab_size
+        logits_NTV = logits_NTV.masked_fill(is_padding_V, float("-inf"))
+    # megatron-core's kernel reduces over the last dimension whatever the leading ones are
+    # ([S, B] in megatron's own loop); [N, T] avoids two transposed copies of the logits.
+    return tensor_parallel.vocab_parallel_cross_entropy(logits_NTV, labels_NT)
 
 
 def _logp_BCC(nll_NT: torch.Tensor, mask_NT: torch.Tensor, num_constitutions: int, reduction: str) -> torch.Tensor:
