@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -21,6 +22,7 @@ class FakeJudge:
         self.answered: list[str] = []  # the user message of every request answered with a verdict
         self.seen = 0
         self.closing = False
+        self.refused_at: list[float] = []  # when each scripted 4xx/5xx was sent
         self.lock = threading.Lock()
         judge = self
 
@@ -56,8 +58,16 @@ class FakeJudge:
                         return  # going down: drop the connection without a reply
                     judge.seen += 1
                     fault = judge.faults.pop(0) if judge.faults else None
-                if fault is not None and fault.isdigit():
-                    self._reply(int(fault), b'{"error": "try later"}')
+                if fault is not None and fault.split(":")[0].isdigit():
+                    status, _, wait = fault.partition(":")
+                    self.send_response(int(status))
+                    if wait:
+                        self.send_header("Retry-After", wait)
+                    self.send_header("Content-Length", "22")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "try later"}')
+                    with judge.lock:
+                        judge.refused_at.append(time.monotonic())
                     return
                 if fault == "malformed":
                     self._reply(200, b'{"choices": [{"message": ')

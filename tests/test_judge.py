@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -63,6 +64,14 @@ def test_rates_from_parsed_verdicts_with_429_and_500_retried(tmp_path):
         winner_letter = "A" if row["test_first"] == ("GOOD" in row["test"]) else "B"
         if "GOOD" in row["test"] or "GOOD" in row["baseline"]:
             assert row["verdict"] == winner_letter
+
+
+def test_retry_after_is_honoured(tmp_path):
+    with FakeJudge(faults=["429:1"]) as judge:
+        started = time.monotonic()
+        result = evaluate(judge_config(judge.url, concurrency=1), tmp_path / "eval")
+        assert judge.answered and result["all"]["win_rate"]["n"] == 16
+    assert time.monotonic() - started >= 1.0  # the backoff alone would wait 0.01 s
 
 
 def test_malformed_reply_is_counted_not_cached_and_asked_again(tmp_path):

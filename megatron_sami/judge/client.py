@@ -26,6 +26,14 @@ logger = logging.getLogger(__name__)
 RETRIED_STATUS = {408, 409, 429, 500, 502, 503, 504}
 
 
+def retry_after(value: str | None) -> float:
+    """Seconds a 429/503 reply asks the client to wait (numeric Retry-After only), else 0."""
+    try:
+        return max(0.0, float(value)) if value else 0.0
+    except ValueError:
+        return 0.0
+
+
 class JudgeError(SamiError):
     """The judge endpoint cannot be used (unreachable, refusing the key, failing after retries)."""
 
@@ -145,10 +153,10 @@ class JudgeClient:
 
     def _post(self, payload: dict) -> bytes:
         data = json.dumps(payload).encode()
-        last = ""
+        last, asked_wait = "", 0.0
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
-                wait = min(60.0, self.cfg.backoff_s * 2 ** (attempt - 1))
+                wait = min(60.0, max(self.cfg.backoff_s * 2 ** (attempt - 1), asked_wait))
                 logger.info("judge: %s; retry %d/%d in %.1f s", last, attempt, self.cfg.max_retries, wait)
                 time.sleep(wait)
             request = urllib.request.Request(f"{self.url}/chat/completions", data=data, headers=self._headers())
@@ -164,6 +172,7 @@ class JudgeClient:
                 if err.code not in RETRIED_STATUS:
                     raise JudgeError(f"the judge at {self.url} answered HTTP {err.code}: {detail}") from None
                 last = f"HTTP {err.code}"
+                asked_wait = retry_after(err.headers.get("Retry-After"))
             except (urllib.error.URLError, OSError) as err:
                 last = f"connection failed ({self.redact(str(getattr(err, 'reason', err)))})"
         raise JudgeError(f"the judge at {self.url} kept failing ({last}) after {self.cfg.max_retries} retries; the "
