@@ -63,3 +63,60 @@ def expect_conversion_error(kind: str, source: str, out_dir: str) -> str:
         except SamiError as err:
             return str(err)
     raise AssertionError(f"{kind} {source} -> {out_dir} did not fail")
+
+
+def lazy_and_eager_saves(hf_dir: str, out_dir: str, pipeline: int = 1) -> dict:
+    """Save one randomly initialised model twice: with megatron-core's own writer, and lazily from
+    a meta-device twin whose parameters are produced on demand. Report what differs."""
+    import gc
+    import weakref
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_sami.conversion.hf_io import model_config_from_hf, read_hf_config
+    from megatron_sami.models.build import build_gpt_model
+    from megatron_sami.models.checkpoint import load_model, save_weights, save_weights_lazily, unwrap
+    from megatron_sami.models.config import PrecisionConfig
+
+    parallel = ParallelConfig(pipeline=pipeline)
+    out = Path(out_dir)
+    with megatron_runtime(parallel):
+        model = model_config_from_hf(read_hf_config(Path(hf_dir)), "tiny")
+        precision = PrecisionConfig(params_dtype="fp32")
+        real = build_gpt_model(model, parallel, precision, seq_length=1)
+        with torch.device("meta"):
+            meta = build_gpt_model(model, parallel, precision, seq_length=1, initialize_weights=False,
+                                   backend=convert.CONVERSION_BACKEND)
+        values = dict(unwrap(real).named_parameters())
+        live: set[int] = set()
+        most_alive, calls = 0, []
+
+        def materialize(name: str) -> torch.Tensor:
+            nonlocal most_alive
+            gc.collect()
+            tensor = values[name].detach().clone()
+            live.add(id(tensor))
+            weakref.finalize(tensor, live.discard, id(tensor))
+            most_alive = max(most_alive, len(live))
+            calls.append(name)
+            return tensor
+
+        if torch.distributed.get_rank() == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        torch.distributed.barrier()
+        save_weights(real, out / "eager")
+        save_weights_lazily(meta, out / "lazy", materialize)
+        reloaded = build_gpt_model(model, parallel, precision, seq_length=1, initialize_weights=False)
+        load_model(reloaded, out / "lazy")
+        differing = [name for name, param in unwrap(reloaded).named_parameters()
+                     if not torch.equal(param, values[name])]
+
+        def layout(directory: Path) -> dict:
+            metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+            return {key: (tuple(getattr(entry, "size", ())),
+                          sorted((tuple(c.offsets), tuple(c.sizes)) for c in getattr(entry, "chunks", [])))
+                    for key, entry in metadata.items()}
+
+        return {"differing": differing, "most_alive": most_alive, "calls": calls,
+                "num_params": len(values), "same_layout": layout(out / "eager") == layout(out / "lazy"),
+                "keys": sorted(layout(out / "lazy"))}

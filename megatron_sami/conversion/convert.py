@@ -7,9 +7,10 @@ A converted checkpoint directory holds:
     hf/               the source config.json, generation_config.json and tokenizer files
     weights/          a Megatron-Core distributed checkpoint (loads at any TP/PP/EP/DP)
 
-Conversion runs at TP=1; pipeline and expert parallelism split the work (each process builds
-and fills only its layers and experts, reading only those HF tensors), so memory per process
-is bounded by what it converts. Outputs are staged in ``<out>.incomplete`` and renamed into
+Conversion runs at TP=1; pipeline and expert parallelism split the work (each process writes
+only its layers and experts, reading only those HF tensors). The model is built on the meta
+device and each parameter is made from its HF tensors when the checkpoint writer reaches it,
+so a process holds about one parameter at a time, whatever the model's size. Outputs are staged in ``<out>.incomplete`` and renamed into
 place by rank 0 once every rank has finished.
 """
 
@@ -43,15 +44,25 @@ from megatron_sami.conversion.table import (
     ignored_hf_keys,
 )
 from megatron_sami.conversion.transforms import TRANSFORMS, Shapes
-from megatron_sami.models.build import build_gpt_model
+from megatron_sami.models.build import Backend, build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
-from megatron_sami.models.checkpoint import is_rank0, load_model, save_weights, staged_output, unwrap
+from megatron_sami.models.checkpoint import (
+    is_rank0,
+    load_model,
+    save_weights,
+    save_weights_lazily,
+    staged_output,
+    unwrap,
+)
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
 from megatron_sami.runtime.distributed import logger
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 HF_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MAX_SHARD_BYTES = 5 * 1000**3
+# Conversion builds the local (non-TE) layer spec on the meta device, on any machine: its
+# checkpoint keys are those of the TE spec, and no GPU is needed to convert.
+CONVERSION_BACKEND = Backend(use_te=False, on_gpu=False)
 
 
 def shapes_of(model: ModelConfig) -> Shapes:
@@ -120,6 +131,24 @@ def _require_tp1(model_module: torch.nn.Module) -> None:
                               "split the work with --pipeline / --expert instead.")
 
 
+def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: torch.nn.Parameter) -> None:
+    """The rule's HF tensors make a tensor of the parameter's shape, and the inverse gives the
+    HF shapes back (catches e.g. a vocab size that padding would otherwise hide). Runs on meta
+    tensors: only file headers are read."""
+    to_megatron, to_hf = TRANSFORMS[rule.transform]
+    sources = [reader.meta(key) for key in rule.hf]
+    try:
+        tensor = to_megatron(shapes, *sources)
+        round_trip = [tuple(t.shape) for t in to_hf(shapes, tensor)]
+    except RuntimeError:
+        tensor, round_trip = None, []
+    if tensor is None or tuple(tensor.shape) != tuple(param.shape) or round_trip != [tuple(t.shape) for t in sources]:
+        found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
+        made = f"shape {list(tensor.shape)}" if tensor is not None else "no tensor"
+        raise ConversionError(f"{found} give {rule.megatron} {made}, but the model built "
+                              f"from config.json needs {list(param.shape)}; the weights do not match the config.")
+
+
 def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None) -> Path:
     """Convert an HF directory into a Megatron distributed checkpoint directory (collective)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
@@ -133,26 +162,25 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     source_dtype = reader.dtype()
     params_dtype = "fp32" if source_dtype == torch.float32 else "bf16"
     start = time.perf_counter()
-    megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=params_dtype), seq_length=1,
-                                     initialize_weights=False)
+    # The model is built on the meta device (structure only, no memory); each parameter's value
+    # is made from its HF tensors when the checkpoint writer reaches it.
+    with torch.device("meta"):
+        megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=params_dtype), seq_length=1,
+                                         initialize_weights=False, backend=CONVERSION_BACKEND)
     _require_tp1(megatron_model)
     shapes = shapes_of(model)
-    with torch.no_grad():
-        for _, param, rule in local_rules(megatron_model, model):
-            to_megatron, to_hf = TRANSFORMS[rule.transform]
-            sources = [reader.get(key) for key in rule.hf]
-            tensor = to_megatron(shapes, *sources)
-            # The inverse must give back the source shapes (catches e.g. a vocab size that
-            # padding would otherwise hide).
-            round_trip = [tuple(t.shape) for t in to_hf(shapes, tensor)]
-            if tuple(tensor.shape) != tuple(param.shape) or round_trip != [tuple(t.shape) for t in sources]:
-                found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
-                raise ConversionError(f"{found} give {rule.megatron} shape {list(tensor.shape)}, but the model built "
-                                      f"from config.json needs {list(param.shape)}; the weights do not match the config.")
-            param.copy_(tensor.to(param.dtype))
+    rule_of = {name: rule for name, _, rule in local_rules(megatron_model, model)}
+    for name, param, rule in local_rules(megatron_model, model):
+        _check_shapes(rule, reader, shapes, param)
+    dtype = next(unwrap(megatron_model).parameters()).dtype
+
+    def materialize(name: str) -> torch.Tensor:
+        rule = rule_of[name]
+        with torch.no_grad():
+            return TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf)).to(dtype)
 
     with staged_output(out_dir) as staging:
-        save_weights(megatron_model, staging / "weights")
+        save_weights_lazily(megatron_model, staging / "weights", materialize)
         if is_rank0():
             _write_metadata(staging, hf_dir, model, {
                 "source": str(hf_dir.resolve()), "source_dtype": str(source_dtype).removeprefix("torch."),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import struct
 from pathlib import Path
 
 import torch
@@ -108,6 +109,7 @@ class SafetensorsReader:
         self.hf_dir = hf_dir
         self.file_of = self._weight_map()
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, tuple[int, dict]] = {}
         for file_name in sorted(set(self.file_of.values())):
             self._open(file_name)
 
@@ -158,12 +160,40 @@ class SafetensorsReader:
         return list(self._open(self.file_of[key]).get_slice(key).get_shape())
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read with plain file reads into fresh memory: no mapping of the
+        file stays resident, so reading a model tensor by tensor holds one tensor at a time."""
         if key not in self.file_of:
             raise ConversionError(f"tensor {key} is missing from {self.hf_dir}; the checkpoint does not match "
                                   "its config.json (layers, experts or tied embeddings).")
         file_name = self.file_of[key]
         with self._guard(file_name):
-            return self._open(file_name).get_tensor(key)
+            data_start, header = self._header(file_name)
+            entry = header[key]
+            begin, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+            buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+            if buffer.size != end - begin:
+                raise ValueError(f"{key} has {end - begin} bytes for shape {entry['shape']}")
+            with open(self.hf_dir / file_name, "rb", buffering=0) as stream:
+                stream.seek(data_start + begin)
+                if stream.readinto(memoryview(buffer)) != buffer.size:
+                    raise ValueError(f"{key} ends beyond the end of the file")
+            return tensor
+
+    def meta(self, key: str) -> torch.Tensor:
+        """A meta tensor with the shape and dtype of ``key`` (reads only the file header)."""
+        file_name = self.file_of[key]
+        with self._guard(file_name):
+            entry = self._header(file_name)[1][key]
+            return torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
+
+    def _header(self, file_name: str) -> tuple[int, dict]:
+        """(offset of the data section, the JSON header) of a safetensors file, cached."""
+        if file_name not in self._headers:
+            with open(self.hf_dir / file_name, "rb") as stream:
+                (length,) = struct.unpack("<Q", stream.read(8))
+                self._headers[file_name] = (8 + length, json.loads(stream.read(length)))
+        return self._headers[file_name]
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor, from the file header (no tensor is read)."""

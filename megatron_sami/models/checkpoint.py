@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -101,3 +101,78 @@ def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = Tru
             f"the checkpoint at {path} does not fit the model being loaded ({first_line.strip()[:300]}); "
             "it was saved from a different model: check the model config."
         ) from err
+
+
+def save_weights_lazily(model: torch.nn.Module, directory: Path,
+                        materialize: Callable[[str], torch.Tensor]) -> None:
+    """Write a distributed checkpoint for a model built on the meta device (collective).
+
+    The checkpoint is the one :func:`save_weights` would write for the same model and layout
+    (megatron-core's own sharded state dict, factories and planner decide keys, shapes and
+    chunks), but no tensor exists until the writer reaches it: ``materialize(name)`` returns the
+    full value of parameter ``name`` (as in ``named_parameters``) and is called then, one
+    parameter at a time, so a process holds about one parameter instead of its whole model.
+    """
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    bare = unwrap(model)
+    names = {id(param): name for name, param in bare.named_parameters()}
+    sharded, common = save_preprocess(bare.sharded_state_dict(), validate_access_integrity=True)
+    sharded["common_state"] = ShardedObject(key="common_state", data=common, global_shape=(1,),
+                                            global_offset=(0,), replica_id=dist.get_rank())
+    sources = {}
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor):
+            base = item.data if item.data._base is None else item.data._base
+            sources[(item.key, tuple(item.global_offset))] = (names.get(id(base)), item.data)
+    by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    if is_rank0():
+        directory.mkdir(exist_ok=True)
+    dist.barrier()
+    dcp_save(mcore_to_pyt_state_dict(by_key, False),
+             storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1),
+             planner=_lazy_save_planner(sources, materialize))
+    if is_rank0():
+        save_config(CheckpointingConfig("torch_dist", 1), str(directory))
+    dist.barrier()
+
+
+def _lazy_save_planner(sources: dict, materialize: Callable[[str], torch.Tensor]):
+    """A megatron-core save planner whose tensors are produced when the writer asks for them."""
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazySavePlanner(MCoreSavePlanner):
+        """megatron-core's save planner whose tensors are produced when written: each chunk is
+        the same view of its parameter's materialized value as the meta view megatron planned."""
+
+        def __init__(self, sources: dict, materialize: Callable[[str], torch.Tensor]) -> None:
+            super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
+            self.sources = sources
+            self.materialize = materialize
+            self.cached: tuple[str | None, torch.Tensor | None] = (None, None)
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            name, view = self.sources[(write_item.index.fqn, tuple(write_item.index.offset))]
+            if name is None:
+                raise CheckpointError(f"{write_item.index.fqn} is not a view of a model parameter; "
+                                      "it cannot be written lazily.")
+            if self.cached[0] != name:
+                self.cached = (None, None)  # drop the previous parameter before making the next
+                self.cached = (name, self.materialize(name).contiguous())
+            value = self.cached[1]
+            chunk = value.as_strided(view.size(), view.stride(), view.storage_offset())
+            return chunk.reshape(write_item.tensor_data.chunk.sizes)
+
+    return LazySavePlanner(sources, materialize)
