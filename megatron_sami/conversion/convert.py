@@ -169,9 +169,10 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
                                          initialize_weights=False, backend=CONVERSION_BACKEND)
     _require_tp1(megatron_model)
     shapes = shapes_of(model)
-    rule_of = {name: rule for name, _, rule in local_rules(megatron_model, model)}
-    for name, param, rule in local_rules(megatron_model, model):
+    parameters = list(local_rules(megatron_model, model))
+    for _, param, rule in parameters:
         _check_shapes(rule, reader, shapes, param)
+    rule_of = {name: rule for name, _, rule in parameters}
     dtype = next(unwrap(megatron_model).parameters()).dtype
 
     def materialize(name: str) -> torch.Tensor:
