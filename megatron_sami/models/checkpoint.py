@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_sami.errors import SamiError
+
+# Threads writing a lazily saved checkpoint: while one reads and transforms a parameter, the
+# other writes; each holds one parameter, so a process holds about two.
+WRITER_THREADS = 2
 
 
 class CheckpointError(SamiError):
@@ -139,7 +144,8 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
         directory.mkdir(exist_ok=True)
     dist.barrier()
     dcp_save(mcore_to_pyt_state_dict(by_key, False),
-             storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True, thread_count=1),
+             storage_writer=FileSystemWriter(str(directory), single_file_per_rank=True,
+                                             thread_count=WRITER_THREADS),
              planner=_lazy_save_planner(sources, materialize))
     if is_rank0():
         save_config(CheckpointingConfig("torch_dist", 1), str(directory))
@@ -159,7 +165,7 @@ def _lazy_save_planner(sources: dict, materialize: Callable[[str], torch.Tensor]
             super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False, flatten_sharded_tensors=False)
             self.sources = sources
             self.materialize = materialize
-            self.cached: tuple[str | None, torch.Tensor | None] = (None, None)
+            self.local = threading.local()  # each writer thread holds its own current parameter
 
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.BYTE_IO:
@@ -168,10 +174,11 @@ def _lazy_save_planner(sources: dict, materialize: Callable[[str], torch.Tensor]
             if name is None:
                 raise CheckpointError(f"{write_item.index.fqn} is not a view of a model parameter; "
                                       "it cannot be written lazily.")
-            if self.cached[0] != name:
-                self.cached = (None, None)  # drop the previous parameter before making the next
-                self.cached = (name, self.materialize(name).contiguous())
-            value = self.cached[1]
+            cached_name, value = getattr(self.local, "cached", (None, None))
+            if cached_name != name:
+                self.local.cached = value = None  # drop the previous parameter before making the next
+                value = self.materialize(name).contiguous()
+                self.local.cached = (name, value)
             chunk = value.as_strided(view.size(), view.stride(), view.storage_offset())
             return chunk.reshape(write_item.tensor_data.chunk.sizes)
 
