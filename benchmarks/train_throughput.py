@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SPLIT = ("data_s", "forward_backward_s", "optimizer_s")  # where a step's time goes (sami-train's metrics keys)
 WORDS = ("the a careful answer explains each step clearly and safely so that anyone can follow it without harm "
          "while staying brief honest kind and useful to the person asking about their problem at home").split()
 
@@ -102,7 +103,8 @@ def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_len
     seconds = statistics.fmean(row["step_time_s"] for row in rows)
     tokens = statistics.fmean(row["tokens_per_s"] * row["step_time_s"] for row in rows)
     return {"s_per_query": seconds / args.queries_per_step, "tokens_per_query": tokens / args.queries_per_step,
-            "loss": rows[-1]["loss"]}
+            "loss": rows[-1]["loss"], **{key: statistics.fmean(row[key] for row in rows) / args.queries_per_step
+                                          for key in SPLIT}}
 
 
 def plain_sequences(tokenizer, record: dict) -> tuple[list[list[int]], list[int]]:
@@ -147,7 +149,7 @@ def run_plain(model_dir: Path, records: Path, args, dtype: str) -> dict:
         str(model_dir), dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     rows = [json.loads(line) for line in records.read_text().splitlines()]
-    times, token_counts, loss = [], [], 0.0
+    times, token_counts, splits, loss = [], [], [], 0.0
     for step in range(args.steps):
         start, tokens = time.perf_counter(), 0
         batch = rows[step * args.queries_per_step:(step + 1) * args.queries_per_step]
@@ -156,14 +158,18 @@ def run_plain(model_dir: Path, records: Path, args, dtype: str) -> dict:
             (loss_q / len(batch)).backward()
             tokens += count
             loss = float(loss_q.detach())
+        backward_done = time.perf_counter()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step:  # the first step warms up
             times.append(time.perf_counter() - start)
             token_counts.append(tokens)
-    return {"s_per_query": statistics.fmean(times) / args.queries_per_step,
-            "tokens_per_query": statistics.fmean(token_counts) / args.queries_per_step, "loss": loss}
+            splits.append((0.0, backward_done - start, time.perf_counter() - backward_done))
+    per_query = args.queries_per_step
+    return {"s_per_query": statistics.fmean(times) / per_query,
+            "tokens_per_query": statistics.fmean(token_counts) / per_query, "loss": loss,
+            **{key: statistics.fmean(split[i] for split in splits) / per_query for i, key in enumerate(SPLIT)}}
 
 
 def run_plain_process(args) -> dict:
@@ -211,10 +217,12 @@ def main() -> None:
                "sami-train seq_length=1024": run_sami_train(checkpoint, records, args.workdir / "run-loose", args,
                                                             1024, dtype)}
     plain = results["plain transformers loop"]
-    print(f"{'':44} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}")
+    print(f"{'':44} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
+          f"{'data':>6} {'fwd+bwd':>8} {'optim':>6} (s/query)")
     for name, result in results.items():
         print(f"{name:44} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} "
-              f"{plain['s_per_query'] / result['s_per_query']:>14.2f}x")
+              f"{plain['s_per_query'] / result['s_per_query']:>14.2f}x   "
+              + " ".join(f"{result[key]:>{width}.3f}" for key, width in zip(SPLIT, (6, 8, 6), strict=True)))
     print("speed vs plain > 1: sami-train is faster (target >= 1 on CPU at TP=1). Tokens: the plain loop counts its "
           "padded batch; sami-train the tokens the sequences use.")
 
