@@ -140,6 +140,9 @@ def main() -> int:
     for name, (_, command) in runs.items():
         os.sync()
         results[name] = timed(command)
+        # Each output is deleted once measured, so that every run meets the same page-cache
+        # pressure (kept outputs would leave the later runs writing into a fuller cache).
+        shutil.rmtree(command[-1] if name == "cp" else command[command.index("hf-to-megatron") + 2])
     copy_seconds = results["cp"][0]
     print(f"{'run':<30} {'seconds':>8} {'GB/s':>7} {'speed vs cp':>12} {'peak RSS GB':>12} "
           f"{'RSS/largest':>12} {'RSS/model':>10}")
