@@ -39,3 +39,22 @@ def test_a_valid_layout_prints_the_plan():
     assert result.returncode == 0, result.stderr
     assert "TP 8 x PP 4 x CP 1 x DP 2" in result.stdout
     assert "70.55 B parameters" in result.stdout
+
+
+@pytest.mark.parametrize("launch", ["single", "torchrun-2"])
+def test_convert_refuses_a_bad_source_before_starting_the_runtime_once(tmp_path, launch):
+    """A bad HF source is refused from its headers before any process group starts (no runtime
+    log line) and, under a 2-process torchrun, the sentence is printed once, not per rank."""
+    source = tmp_path / "hf"
+    source.mkdir()
+    (source / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    command = ["-m", "megatron_sami.cli.convert", "hf-to-megatron", str(source), str(tmp_path / "out")]
+    if launch == "torchrun-2":
+        command = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command]
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: architecture 'GPT2LMHeadModel' is not supported; supported: LlamaForCausalLM, "
+                      "MistralForCausalLM, MixtralForCausalLM."], result.stderr
+    assert "runtime:" not in result.stderr + result.stdout
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()

@@ -13,10 +13,11 @@ Errors print one sentence naming the fix and exit with code 2; nothing half-writ
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from megatron_sami.cli.common import fail
+from megatron_sami.cli.common import EXIT_USER_ERROR, fail
 from megatron_sami.errors import SamiError
 
 
@@ -89,8 +90,27 @@ def run(args) -> int:
         return _verify(args, parallel)
 
 
+def check_before_start(args) -> None:
+    """Checks that need no process group run first (file headers, paths): a bad input fails in
+    about two seconds instead of after megatron-core's import and the runtime's start. Under a
+    multi-process launch only the first process prints the message."""
+    from megatron_sami.conversion import convert
+
+    try:
+        if args.command == "hf-to-megatron":
+            convert.check_hf_source(args.hf_dir, args.out_dir, args.overwrite)
+        elif args.command == "megatron-to-hf":
+            convert.check_output_path(args.out_dir, args.overwrite)
+            convert.read_checkpoint_model(args.ckpt_dir)
+    except SamiError as err:
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    check_before_start(args)
     try:
         return run(args)
     except SamiError as err:

@@ -149,16 +149,24 @@ def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: 
                               f"from config.json needs {list(param.shape)}; the weights do not match the config.")
 
 
+def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
+                    name: str | None = None) -> tuple[ModelConfig, SafetensorsReader]:
+    """Everything about an HF source and an output path that can be checked from file headers,
+    without a process group: the CLI runs it before starting one, so bad input fails in seconds."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    check_output_path(out_dir, overwrite)
+    model = model_config_from_hf(read_hf_config(hf_dir), name or hf_dir.name)
+    reader = SafetensorsReader(hf_dir)
+    check_coverage(expand_rules(model), reader, model)
+    reader.dtype()
+    return model, reader
+
+
 def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None) -> Path:
     """Convert an HF directory into a Megatron distributed checkpoint directory (collective)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output_path(out_dir, overwrite)
-    hf_config = read_hf_config(hf_dir)
-    model = model_config_from_hf(hf_config, name or hf_dir.name)
+    model, reader = check_hf_source(hf_dir, out_dir, overwrite, name)
     parallel.validate(model, dist.get_world_size(), training=False)
-    reader = SafetensorsReader(hf_dir)
-    rules = expand_rules(model)
-    check_coverage(rules, reader, model)
     source_dtype = reader.dtype()
     params_dtype = "fp32" if source_dtype == torch.float32 else "bf16"
     start = time.perf_counter()
