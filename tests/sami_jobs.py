@@ -85,8 +85,9 @@ def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_c
         items = tokenized(tokenizer_dir, num_queries, num_constitutions)
         micro = [collate([item]) for item in items]
         if trim:
-            micro, length = trim_padding(micro, SEQ_LENGTH, 16)
+            micro, length = trim_padding(micro, SEQ_LENGTH, 16, each=pipeline == 1)
             assert length < SEQ_LENGTH and length % 16 == 0
+            assert pipeline > 1 or len({m["tokens"].shape[1] for m in micro}) > 1  # lengths differ per microbatch
         return score_matrices(model, micro, num_constitutions, config.vocab_size, reduction)
 
 

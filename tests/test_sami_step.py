@@ -48,6 +48,12 @@ def test_trim_padding_keeps_every_used_token():
     assert torch.equal(trimmed[0]["tokens"], micro[0]["tokens"][:, :24])
     assert used_lengths(mask).tolist() == [10, 21, 7, 15]
     assert trim_padding(micro, 20, 8)[1] == 20  # never beyond seq_length
+    short = {"tokens": micro[0]["tokens"], "loss_mask": mask * (torch.arange(64) < 9)}
+    shared, shared_length = trim_padding([micro[0], short], 64, 8)
+    own, own_length = trim_padding([micro[0], short], 64, 8, each=True)
+    assert [m["tokens"].shape[1] for m in shared] == [24, 24] and shared_length == 24
+    assert [m["tokens"].shape[1] for m in own] == [24, 16] and own_length == 24
+    assert own[1]["loss_mask"].sum() == short["loss_mask"].sum()
 
 
 @pytest.fixture(scope="module")

@@ -111,14 +111,26 @@ def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
     return (mask_NT * positions).amax(dim=1)
 
 
-def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple: int) -> tuple[list[dict], int]:
-    """Drop the padding columns no sequence of the step uses (the length rounded up to
-    ``multiple`` and at most ``seq_length``). Attention is causal and the padding trails every
-    sequence, so the real tokens' values are unchanged; every microbatch of the step keeps one
-    length, as pipeline stages exchange fixed shapes."""
-    used = int(max(used_lengths(m["loss_mask"]).max() for m in micro))
-    length = min(seq_length, -(-used // multiple) * multiple)
-    return [{key: value[:, :length] for key, value in m.items()} for m in micro], length
+def trim_alignment(fp8: bool) -> int:
+    """What a trimmed length is rounded up to: 16 for FP8 GEMMs and GPU tensor cores; on CPU
+    nothing gains from it, and rounding 120 tokens up to 128 costs 7% more compute."""
+    return 16 if fp8 or torch.cuda.is_available() else 1
+
+
+def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple: int,
+                 each: bool = False) -> tuple[list[dict], int]:
+    """Drop the padding columns no sequence uses (lengths rounded up to ``multiple``, at most
+    ``seq_length``); returns the microbatches and the longest length. Attention is causal and
+    the padding trails every sequence, so the real tokens' values are unchanged. With ``each``
+    every microbatch gets its own length (possible without pipeline parallelism); otherwise
+    the step keeps one length, as pipeline stages exchange fixed shapes."""
+    def length_of(batches: list[dict[str, torch.Tensor]]) -> int:
+        used = int(max(used_lengths(m["loss_mask"]).max() for m in batches))
+        return min(seq_length, -(-used // multiple) * multiple)
+
+    lengths = [length_of([m]) for m in micro] if each else [length_of(micro)] * len(micro)
+    trimmed = [{key: value[:, :length] for key, value in m.items()} for m, length in zip(micro, lengths, strict=True)]
+    return trimmed, max(lengths)
 
 
 def _rng_state() -> dict:
@@ -307,8 +319,8 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         dp_rank = parallel_state.get_data_parallel_rank()
         per_rank = cfg.queries_per_step // info.data_parallel_size
         stop_requested.install()
-        # Trimmed lengths stay divisible by TP (sequence parallelism) and by 16 (FP8 GEMMs).
-        multiple = math.lcm(16, cfg.parallel.tensor)
+        # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
+        multiple = math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor)
         peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
         start, first_step = time.perf_counter(), step + 1
         last_saved = resume_from
@@ -320,7 +332,7 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
             micro = [collate(mine[i * cfg.queries_per_microbatch:(i + 1) * cfg.queries_per_microbatch])
                      for i in range(num_microbatches)]
-            micro, length = trim_padding(micro, cfg.data.seq_length, multiple)
+            micro, length = trim_padding(micro, cfg.data.seq_length, multiple, each=cfg.parallel.pipeline == 1)
             lr = cfg.lr_schedule.at(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
