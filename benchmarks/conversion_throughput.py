@@ -122,27 +122,28 @@ def main() -> int:
               f"(written in {time.perf_counter() - start:.0f} s)")
     bin_dir = Path(sys.executable).parent
 
-    def convert(label: str, out: str, pipeline: int = 1) -> list[str]:
+    def convert(label: str, out: Path, pipeline: int = 1) -> list[str]:
         source = str(args.workdir / f"hf-{label}")
         if pipeline == 1:
-            return [str(bin_dir / "sami-convert"), "hf-to-megatron", source, str(args.workdir / out)]
+            return [str(bin_dir / "sami-convert"), "hf-to-megatron", source, str(out)]
         return [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(pipeline), "-m",
-                "megatron_sami.cli.convert", "hf-to-megatron", source, str(args.workdir / out), "--pipeline",
-                str(pipeline)]
+                "megatron_sami.cli.convert", "hf-to-megatron", source, str(out), "--pipeline", str(pipeline)]
+
+    outputs = {name: args.workdir / name for name in ("copy", "c1", "c2", "c3")}
 
     runs = {
-        "cp": ("big", ["cp", "-r", str(args.workdir / "hf-big"), str(args.workdir / "copy")]),
-        "convert, 1 process": ("big", convert("big", "c1")),
-        "convert, PP=2 (2 processes)": ("big", convert("big", "c2", pipeline=2)),
-        "convert small, 1 process": ("small", convert("small", "c3")),
+        "cp": ("big", outputs["copy"], ["cp", "-r", str(args.workdir / "hf-big"), str(outputs["copy"])]),
+        "convert, 1 process": ("big", outputs["c1"], convert("big", outputs["c1"])),
+        "convert, PP=2 (2 processes)": ("big", outputs["c2"], convert("big", outputs["c2"], pipeline=2)),
+        "convert small, 1 process": ("small", outputs["c3"], convert("small", outputs["c3"])),
     }
     results = {}
-    for name, (_, command) in runs.items():
+    for name, (_, output, command) in runs.items():
         os.sync()
         results[name] = timed(command)
         # Each output is deleted once measured, so that every run meets the same page-cache
         # pressure (kept outputs would leave the later runs writing into a fuller cache).
-        shutil.rmtree(command[-1] if name == "cp" else command[command.index("hf-to-megatron") + 2])
+        shutil.rmtree(output)
     copy_seconds = results["cp"][0]
     print(f"{'run':<30} {'seconds':>8} {'GB/s':>7} {'speed vs cp':>12} {'peak RSS GB':>12} "
           f"{'RSS/largest':>12} {'RSS/model':>10}")

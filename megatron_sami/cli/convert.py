@@ -104,7 +104,7 @@ def check_before_start(args) -> None:
             convert.read_checkpoint_model(args.ckpt_dir)
     except SamiError as err:
         if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+            fail(str(err))
         raise SystemExit(EXIT_USER_ERROR) from None
 
 

@@ -157,7 +157,7 @@ class SafetensorsReader:
         return sorted(self.file_of)
 
     def shape(self, key: str) -> list[int]:
-        return list(self._open(self.file_of[key]).get_slice(key).get_shape())
+        return list(self._entry(key)[1]["shape"])
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``, read with plain file reads into fresh memory: no mapping of the
@@ -165,10 +165,9 @@ class SafetensorsReader:
         if key not in self.file_of:
             raise ConversionError(f"tensor {key} is missing from {self.hf_dir}; the checkpoint does not match "
                                   "its config.json (layers, experts or tied embeddings).")
+        data_start, entry = self._entry(key)
         file_name = self.file_of[key]
         with self._guard(file_name):
-            data_start, header = self._header(file_name)
-            entry = header[key]
             begin, end = entry["data_offsets"]
             tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
             buffer = tensor.reshape(-1).view(torch.uint8).numpy()
@@ -182,26 +181,26 @@ class SafetensorsReader:
 
     def meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype of ``key`` (reads only the file header)."""
-        file_name = self.file_of[key]
-        with self._guard(file_name):
-            entry = self._header(file_name)[1][key]
-            return torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
-
-    def _header(self, file_name: str) -> tuple[int, dict]:
-        """(offset of the data section, the JSON header) of a safetensors file, cached."""
-        if file_name not in self._headers:
-            with open(self.hf_dir / file_name, "rb") as stream:
-                (length,) = struct.unpack("<Q", stream.read(8))
-                self._headers[file_name] = (8 + length, json.loads(stream.read(length)))
-        return self._headers[file_name]
+        entry = self._entry(key)[1]
+        return torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor, from the file header (no tensor is read)."""
         first = self.keys()[0]
-        name = self._open(self.file_of[first]).get_slice(first).get_dtype()
+        name = self._entry(first)[1]["dtype"]
         if name not in _SAFETENSORS_DTYPES:
             raise ConversionError(f"{first} has dtype {name}; only BF16, F16 and F32 checkpoints are supported.")
         return _SAFETENSORS_DTYPES[name]
+
+    def _entry(self, key: str) -> tuple[int, dict]:
+        """(offset of its file's data section, the header entry: dtype, shape, data_offsets) of ``key``."""
+        file_name = self.file_of[key]
+        if file_name not in self._headers:
+            with self._guard(file_name), open(self.hf_dir / file_name, "rb") as stream:
+                (length,) = struct.unpack("<Q", stream.read(8))
+                self._headers[file_name] = (8 + length, json.loads(stream.read(length)))
+        data_start, header = self._headers[file_name]
+        return data_start, header[key]
 
 
 def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str,

@@ -79,10 +79,15 @@ def save_weights(model: torch.nn.Module, directory: Path) -> None:
     sub-directory of a staged output (collective)."""
     from megatron.core import dist_checkpointing
 
+    _make_directory(directory)
+    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
+
+
+def _make_directory(directory: Path) -> None:
+    """Rank 0 creates the checkpoint directory; every rank waits for it (collective)."""
     if is_rank0():
         directory.mkdir(exist_ok=True)
     dist.barrier()
-    dist_checkpointing.save(unwrap(model).sharded_state_dict(), str(directory))
 
 
 def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> None:
@@ -140,9 +145,7 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
             base = item.data if item.data._base is None else item.data._base
             sources[(item.key, tuple(item.global_offset))] = (names.get(id(base)), item.data)
     by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
-    if is_rank0():
-        directory.mkdir(exist_ok=True)
-    dist.barrier()
+    _make_directory(directory)
     # torch.save's per-record CRC32 halves the writing speed, and torch.load never checks it (a
     # flipped data byte loads silently, with or without it), so it protects nothing here.
     crc32 = torch.serialization.get_crc32_options()
