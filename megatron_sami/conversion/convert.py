@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -149,6 +150,28 @@ def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: 
                               f"from config.json needs {list(param.shape)}; the weights do not match the config.")
 
 
+class _Progress:
+    """Logs every tenth of a rank's parameters as they are made: count, GB, GB/s and ETA.
+    Called from the checkpoint writer's threads; a parameter made twice counts once."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.made, self.nbytes = total, set(), 0
+        self.start, self.lock = time.perf_counter(), threading.Lock()
+
+    def record(self, name: str, nbytes: int) -> None:
+        with self.lock:
+            if name in self.made:
+                return
+            self.made.add(name)
+            self.nbytes += nbytes
+            count = len(self.made)
+            if count % max(1, self.total // 10):
+                return
+            elapsed = time.perf_counter() - self.start
+            logger.info("converting: %d/%d parameters, %.2f GB, %.2f GB/s, ETA %.0f s", count, self.total,
+                        self.nbytes / 1e9, self.nbytes / 1e9 / elapsed, elapsed / count * (self.total - count))
+
+
 def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
                     name: str | None = None) -> tuple[ModelConfig, SafetensorsReader]:
     """Everything about an HF source and an output path that can be checked from file headers,
@@ -183,10 +206,14 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     rule_of = {name: rule for name, _, rule in parameters}
     dtype = next(unwrap(megatron_model).parameters()).dtype
 
+    progress = _Progress(len(parameters))
+
     def materialize(name: str) -> torch.Tensor:
         rule = rule_of[name]
         with torch.no_grad():
-            return TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf)).to(dtype)
+            tensor = TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf)).to(dtype)
+        progress.record(name, tensor.numel() * tensor.element_size())
+        return tensor
 
     with staged_output(out_dir) as staging:
         save_weights_lazily(megatron_model, staging / "weights", materialize)
