@@ -91,15 +91,21 @@ def lazy_and_eager_saves(hf_dir: str, out_dir: str, pipeline: int = 1) -> dict:
         live: set[int] = set()
         most_alive, calls = 0, []
 
-        def materialize(name: str) -> torch.Tensor:
+        class Memory(bytearray):
+            """A chunk's memory: freed (and its finalizer run) only when no tensor uses it."""
+
+        def materialize(name: str, first: int, count: int) -> torch.Tensor:
             nonlocal most_alive
             gc.collect()
-            tensor = values[name].detach().clone()
-            live.add(id(tensor))
-            weakref.finalize(tensor, live.discard, id(tensor))
+            rows = values[name].detach()[first:first + count]
+            memory = Memory(rows.numel() * rows.element_size())
+            chunk = torch.frombuffer(memory, dtype=rows.dtype).view(rows.shape) if len(memory) else rows.clone()
+            chunk.copy_(rows)
+            live.add(id(memory))
+            weakref.finalize(memory, live.discard, id(memory))
             most_alive = max(most_alive, len(live))
-            calls.append(name)
-            return tensor
+            calls.append((name, first, count))
+            return chunk
 
         if torch.distributed.get_rank() == 0:
             out.mkdir(parents=True, exist_ok=True)
@@ -118,5 +124,6 @@ def lazy_and_eager_saves(hf_dir: str, out_dir: str, pipeline: int = 1) -> dict:
                     for key, entry in metadata.items()}
 
         return {"differing": differing, "most_alive": most_alive, "calls": calls,
+                "rows": {name: value.shape[0] if value.dim() else 1 for name, value in values.items()},
                 "num_params": len(values), "same_layout": layout(out / "eager") == layout(out / "lazy"),
                 "keys": sorted(layout(out / "lazy"))}

@@ -44,7 +44,7 @@ from megatron_sami.conversion.table import (
     global_name,
     ignored_hf_keys,
 )
-from megatron_sami.conversion.transforms import TRANSFORMS, Shapes
+from megatron_sami.conversion.transforms import Rows, Shapes, to_hf, to_megatron, to_rows
 from megatron_sami.models.build import Backend, build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.checkpoint import (
@@ -136,12 +136,11 @@ def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: 
     """The rule's HF tensors make a tensor of the parameter's shape, and the inverse gives the
     HF shapes back (catches e.g. a vocab size that padding would otherwise hide). Runs on meta
     tensors: only file headers are read."""
-    to_megatron, to_hf = TRANSFORMS[rule.transform]
     sources = [reader.meta(key) for key in rule.hf]
     try:
-        tensor = to_megatron(shapes, *sources)
-        round_trip = [tuple(t.shape) for t in to_hf(shapes, tensor)]
-    except RuntimeError:
+        tensor = to_megatron(rule.transform, shapes, *sources)
+        round_trip = [tuple(t.shape) for t in to_hf(rule.transform, shapes, tensor)]
+    except (RuntimeError, ValueError):
         tensor, round_trip = None, []
     if tensor is None or tuple(tensor.shape) != tuple(param.shape) or round_trip != [tuple(t.shape) for t in sources]:
         found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
@@ -150,26 +149,40 @@ def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: 
                               f"from config.json needs {list(param.shape)}; the weights do not match the config.")
 
 
-class _Progress:
-    """Logs every tenth of a rank's parameters as they are made: count, GB, GB/s and ETA.
-    Called from the checkpoint writer's threads; a parameter made twice counts once."""
+def read_megatron_rows(reader: SafetensorsReader, rule: Rule, layout: list[Rows], first: int,
+                       out: torch.Tensor) -> None:
+    """Fill ``out`` with rows ``first``.. of the rule's Megatron tensor, read straight from the
+    HF files (each piece of ``layout`` that overlaps is one positional read; padding is zeroed)."""
+    row = 0  # the Megatron row where the current piece starts
+    for piece in layout:
+        low, high = max(row, first), min(row + piece.count, first + out.shape[0])
+        if low < high:
+            target = out[low - first:high - first]
+            if piece.source is None:
+                target.zero_()
+            else:
+                reader.read_rows(rule.hf[piece.source], piece.start + low - row, high - low, target)
+        row += piece.count
 
-    def __init__(self, total: int) -> None:
-        self.total, self.made, self.nbytes = total, set(), 0
+
+class _Progress:
+    """Logs each tenth of a rank's bytes as they are made: GB, GB/s and ETA. Called from the
+    checkpoint writer's threads."""
+
+    def __init__(self, total_bytes: int) -> None:
+        self.total, self.done, self.next_report = total_bytes, 0, total_bytes / 10
         self.start, self.lock = time.perf_counter(), threading.Lock()
 
-    def record(self, name: str, nbytes: int) -> None:
+    def record(self, nbytes: int) -> None:
         with self.lock:
-            if name in self.made:
+            self.done += nbytes
+            if self.done < self.next_report:
                 return
-            self.made.add(name)
-            self.nbytes += nbytes
-            count = len(self.made)
-            if count % max(1, self.total // 10):
-                return
+            self.next_report += self.total / 10
             elapsed = time.perf_counter() - self.start
-            logger.info("converting: %d/%d parameters, %.2f GB, %.2f GB/s, ETA %.0f s", count, self.total,
-                        self.nbytes / 1e9, self.nbytes / 1e9 / elapsed, elapsed / count * (self.total - count))
+            rate = self.done / elapsed
+            logger.info("converting: %3.0f%%, %.2f of %.2f GB, %.2f GB/s, ETA %.0f s", 100 * self.done / self.total,
+                        self.done / 1e9, self.total / 1e9, rate / 1e9, (self.total - self.done) / rate)
 
 
 def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
@@ -204,19 +217,23 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     for _, param, rule in parameters:
         _check_shapes(rule, reader, shapes, param)
     rule_of = {name: rule for name, _, rule in parameters}
+    layout_of = {name: to_rows(rule.transform, shapes, [reader.shape(key) for key in rule.hf])
+                 for name, rule in rule_of.items()}
+    param_of = {name: param for name, param, _ in parameters}
     dtype = next(unwrap(megatron_model).parameters()).dtype
+    progress = _Progress(sum(param.numel() * param.element_size() for _, param, _ in parameters))
 
-    progress = _Progress(len(parameters))
-
-    def materialize(name: str) -> torch.Tensor:
-        rule = rule_of[name]
-        with torch.no_grad():
-            tensor = TRANSFORMS[rule.transform][0](shapes, *(reader.get(key) for key in rule.hf)).to(dtype)
-        progress.record(name, tensor.numel() * tensor.element_size())
-        return tensor
+    def materialize(name: str, first: int, count: int) -> torch.Tensor:
+        out = torch.empty(count, *param_of[name].shape[1:], dtype=dtype)
+        read_megatron_rows(reader, rule_of[name], layout_of[name], first, out)
+        progress.record(out.numel() * out.element_size())
+        return out
 
     with staged_output(out_dir) as staging:
-        save_weights_lazily(megatron_model, staging / "weights", materialize)
+        try:
+            save_weights_lazily(megatron_model, staging / "weights", materialize)
+        finally:
+            reader.close()
         if is_rank0():
             _write_metadata(staging, hf_dir, model, {
                 "source": str(hf_dir.resolve()), "source_dtype": str(source_dtype).removeprefix("torch."),
@@ -314,7 +331,7 @@ def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = Fa
         is_tied_copy = model.tie_word_embeddings and local_name == "output_layer.weight"
         if is_tied_copy or not _writes_param(local_name):
             continue
-        for key, tensor in zip(rule.hf, TRANSFORMS[rule.transform][1](shapes, param.detach()), strict=True):
+        for key, tensor in zip(rule.hf, to_hf(rule.transform, shapes, param.detach()), strict=True):
             tensors[key] = tensor.to(out_dtype).clone()
     with staged_output(out_dir) as staging:
         weight_map = write_sharded(tensors, staging, f"model-rank{dist.get_rank():04d}", max_shard_bytes)

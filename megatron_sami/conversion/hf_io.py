@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
@@ -110,6 +113,8 @@ class SafetensorsReader:
         self.file_of = self._weight_map()
         self._handles: dict[str, object] = {}
         self._headers: dict[str, tuple[int, dict]] = {}
+        self._descriptors: dict[str, int] = {}
+        self._lock = threading.Lock()
         for file_name in sorted(set(self.file_of.values())):
             self._open(file_name)
 
@@ -160,24 +165,60 @@ class SafetensorsReader:
         return list(self._entry(key)[1]["shape"])
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor ``key``, read with plain file reads into fresh memory: no mapping of the
-        file stays resident, so reading a model tensor by tensor holds one tensor at a time."""
+        """The tensor ``key``, read into fresh memory (no mapping of the file stays resident)."""
+        entry = self._checked_entry(key)[1]
+        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        self.read_rows(key, 0, tensor.shape[0] if tensor.dim() else 1, tensor)
+        return tensor
+
+    def read_rows(self, key: str, start: int, count: int, out: torch.Tensor) -> None:
+        """Read rows ``start``..``start + count`` of ``key`` (a row: everything below the first
+        dimension) straight into ``out``, a contiguous tensor of that many elements, converting the
+        dtype if ``out``'s differs. Positional reads: safe from several threads at once."""
+        data_start, entry = self._checked_entry(key)
+        file_name = self.file_of[key]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        row_bytes = math.prod(entry["shape"][1:]) * dtype.itemsize
+        if not out.is_contiguous():
+            raise ValueError("read_rows needs a contiguous output tensor")
+        target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+        buffer = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        num_rows = (entry["shape"] or [1])[0]
+        if len(buffer) != count * row_bytes or start + count > num_rows:
+            raise ValueError(f"rows {start}..{start + count} of {key} {entry['shape']} do not fit {list(out.shape)}")
+        begin, end = entry["data_offsets"]
+        offset = data_start + begin + start * row_bytes
+        with self._guard(file_name):
+            if end - begin != num_rows * row_bytes:
+                raise ValueError(f"{key} has {end - begin} bytes for shape {entry['shape']}")
+            descriptor = self._descriptor(file_name)
+            done = 0
+            while done < len(buffer):  # one read returns at most about 2 GB
+                got = os.preadv(descriptor, [buffer[done:]], offset + done)
+                if got == 0:
+                    raise ValueError(f"{key} ends beyond the end of the file")
+                done += got
+        if target is not out:
+            out.copy_(target)
+
+    def _checked_entry(self, key: str) -> tuple[int, dict]:
         if key not in self.file_of:
             raise ConversionError(f"tensor {key} is missing from {self.hf_dir}; the checkpoint does not match "
                                   "its config.json (layers, experts or tied embeddings).")
-        data_start, entry = self._entry(key)
-        file_name = self.file_of[key]
-        with self._guard(file_name):
-            begin, end = entry["data_offsets"]
-            tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
-            buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-            if buffer.size != end - begin:
-                raise ValueError(f"{key} has {end - begin} bytes for shape {entry['shape']}")
-            with open(self.hf_dir / file_name, "rb", buffering=0) as stream:
-                stream.seek(data_start + begin)
-                if stream.readinto(memoryview(buffer)) != buffer.size:
-                    raise ValueError(f"{key} ends beyond the end of the file")
-            return tensor
+        return self._entry(key)
+
+    def _descriptor(self, file_name: str) -> int:
+        with self._lock:
+            if file_name not in self._descriptors:
+                self._descriptors[file_name] = os.open(self.hf_dir / file_name, os.O_RDONLY)
+            return self._descriptors[file_name]
+
+    def close(self) -> None:
+        """Close the files opened for reading tensors."""
+        with self._lock:
+            for descriptor in self._descriptors.values():
+                os.close(descriptor)
+            self._descriptors.clear()
 
     def meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the shape and dtype of ``key`` (reads only the file header)."""

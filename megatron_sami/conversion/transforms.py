@@ -1,11 +1,15 @@
 """The named tensor transforms of the conversion tables, in both directions. Pure torch.
 
-Each ``to_megatron`` takes the HF tensors of one rule (in the table's order) and returns the
-TP=1 Megatron tensor; ``to_hf`` is its exact inverse.
+Every TP=1 Megatron tensor of these families is its HF tensors' rows, reordered: the fused QKV
+interleaves row blocks of q, k and v per KV group, the gated fc1 stacks gate over up, and the
+vocabulary tables gain zero rows. Each transform therefore declares its layout as a list of
+:class:`Rows` (``to_rows``), from which both the whole tensor (``to_megatron``) and any row range
+of it, read straight from the files (conversion), are made; ``to_hf`` is the exact inverse.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +26,24 @@ class Shapes:
     padded_vocab_size: int
 
 
-def qkv_to_megatron(shapes: Shapes, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Fuse q/k/v into Megatron's grouped layout: per KV group [its q heads, k, v]."""
+@dataclass(frozen=True)
+class Rows:
+    """``count`` consecutive rows of a Megatron tensor: rows ``start``.. of the rule's HF tensor
+    number ``source`` (in the table's order), or zeros when ``source`` is None."""
+
+    source: int | None
+    start: int
+    count: int
+
+
+def qkv_rows(shapes: Shapes, q_rows: int, k_rows: int, v_rows: int) -> list[Rows]:
+    """Megatron's grouped QKV layout: per KV group [its q heads, its k head, its v head]."""
     groups, d = shapes.num_query_groups, shapes.head_dim
-    heads_per_group = shapes.num_heads // groups
-    hidden = q.shape[-1]
-    q_G = q.reshape(groups, heads_per_group * d, hidden)
-    k_G = k.reshape(groups, d, hidden)
-    v_G = v.reshape(groups, d, hidden)
-    return torch.cat([q_G, k_G, v_G], dim=1).reshape(-1, hidden)
+    q_block = shapes.num_heads // groups * d
+    rows = []
+    for group in range(groups):
+        rows += [Rows(0, group * q_block, q_block), Rows(1, group * d, d), Rows(2, group * d, d)]
+    return rows
 
 
 def qkv_to_hf(shapes: Shapes, qkv: torch.Tensor) -> list[torch.Tensor]:
@@ -42,9 +55,9 @@ def qkv_to_hf(shapes: Shapes, qkv: torch.Tensor) -> list[torch.Tensor]:
     return [q_G.reshape(-1, hidden), k_G.reshape(-1, hidden), v_G.reshape(-1, hidden)]
 
 
-def gate_up_to_megatron(shapes: Shapes, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def gate_up_rows(shapes: Shapes, gate_rows: int, up_rows: int) -> list[Rows]:
     """Megatron's gated fc1 holds [gate; up] at TP=1 (its checkpoint format splits each under TP)."""
-    return torch.cat([gate, up], dim=0)
+    return [Rows(0, 0, gate_rows), Rows(1, 0, up_rows)]
 
 
 def gate_up_to_hf(shapes: Shapes, fc1: torch.Tensor) -> list[torch.Tensor]:
@@ -52,10 +65,10 @@ def gate_up_to_hf(shapes: Shapes, fc1: torch.Tensor) -> list[torch.Tensor]:
     return [gate, up]
 
 
-def vocab_rows_to_megatron(shapes: Shapes, table: torch.Tensor) -> torch.Tensor:
-    """Pad the vocabulary rows with zeros up to Megatron's padded size."""
-    padding = shapes.padded_vocab_size - table.shape[0]
-    return torch.cat([table, table.new_zeros(padding, table.shape[1])]) if padding > 0 else table
+def vocab_rows(shapes: Shapes, table_rows: int) -> list[Rows]:
+    """The table's rows, then zero rows up to Megatron's padded vocabulary size."""
+    padding = shapes.padded_vocab_size - table_rows
+    return [Rows(0, 0, table_rows)] + ([Rows(None, 0, padding)] if padding > 0 else [])
 
 
 def vocab_rows_to_hf(shapes: Shapes, table: torch.Tensor) -> list[torch.Tensor]:
@@ -63,17 +76,45 @@ def vocab_rows_to_hf(shapes: Shapes, table: torch.Tensor) -> list[torch.Tensor]:
     return [table[: shapes.vocab_size]]
 
 
-def copy_to_megatron(shapes: Shapes, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+def copy_rows(shapes: Shapes, rows: int) -> list[Rows]:
+    return [Rows(0, 0, rows)]
 
 
 def copy_to_hf(shapes: Shapes, tensor: torch.Tensor) -> list[torch.Tensor]:
     return [tensor]
 
 
-TRANSFORMS = {
-    "copy": (copy_to_megatron, copy_to_hf),
-    "qkv": (qkv_to_megatron, qkv_to_hf),
-    "gate_up": (gate_up_to_megatron, gate_up_to_hf),
-    "vocab_rows": (vocab_rows_to_megatron, vocab_rows_to_hf),
+RowLayout = Callable[..., list[Rows]]
+TRANSFORMS: dict[str, tuple[RowLayout, Callable[[Shapes, torch.Tensor], list[torch.Tensor]]]] = {
+    "copy": (copy_rows, copy_to_hf),
+    "qkv": (qkv_rows, qkv_to_hf),
+    "gate_up": (gate_up_rows, gate_up_to_hf),
+    "vocab_rows": (vocab_rows, vocab_rows_to_hf),
 }
+
+
+def to_rows(transform: str, shapes: Shapes, source_shapes: Sequence[Sequence[int]]) -> list[Rows]:
+    """The row layout of the Megatron tensor made from HF tensors of ``source_shapes``; a layout
+    that reads past a source's rows, or sources whose rows differ in width, are a ValueError."""
+    widths = {tuple(shape[1:]) for shape in source_shapes}
+    if len(widths) != 1:
+        raise ValueError(f"the tensors have rows of different shapes: {sorted(widths)}")
+    rows = TRANSFORMS[transform][0](shapes, *(shape[0] for shape in source_shapes))
+    for piece in rows:
+        if piece.source is not None and piece.start + piece.count > source_shapes[piece.source][0]:
+            raise ValueError(f"rows {piece.start}..{piece.start + piece.count} of a tensor with "
+                             f"{source_shapes[piece.source][0]} rows")
+    return rows
+
+
+def to_megatron(transform: str, shapes: Shapes, *sources: torch.Tensor) -> torch.Tensor:
+    """The whole TP=1 Megatron tensor made from the rule's HF tensors (any device, meta included)."""
+    rows = to_rows(transform, shapes, [tuple(source.shape) for source in sources])
+    pieces = [sources[p.source][p.start:p.start + p.count] if p.source is not None
+              else sources[0].new_zeros(p.count, *sources[0].shape[1:]) for p in rows]
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def to_hf(transform: str, shapes: Shapes, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The rule's HF tensors from the whole TP=1 Megatron tensor (exact inverse of to_megatron)."""
+    return TRANSFORMS[transform][1](shapes, tensor)
