@@ -205,6 +205,7 @@ def _streaming_writer(directory: Path):
     closed), and a failure in any writer thread fails the save instead of ending that thread."""
     import os
     import queue
+
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint.filesystem import _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
