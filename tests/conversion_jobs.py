@@ -127,3 +127,31 @@ def lazy_and_eager_saves(hf_dir: str, out_dir: str, pipeline: int = 1) -> dict:
                 "rows": {name: value.shape[0] if value.dim() else 1 for name, value in values.items()},
                 "num_params": len(values), "same_layout": layout(out / "eager") == layout(out / "lazy"),
                 "keys": sorted(layout(out / "lazy"))}
+
+
+def conversion_with_a_read_error_in_a_writer_thread(hf_dir: str, out_dir: str) -> dict:
+    """Convert while every read made by a writer thread other than the main one fails with EIO."""
+    import errno
+    import threading
+
+    from megatron_sami.conversion.hf_io import SafetensorsReader
+    from megatron_sami.errors import SamiError
+
+    read_rows = SafetensorsReader.read_rows
+
+    def failing(self, key, *args):
+        if threading.current_thread() is not threading.main_thread():
+            with self._guard(self.file_of[key]):
+                raise OSError(errno.EIO, "Input/output error")
+        return read_rows(self, key, *args)
+
+    SafetensorsReader.read_rows = failing
+    parallel = ParallelConfig()
+    try:
+        with megatron_runtime(parallel):
+            convert.hf_to_megatron(Path(hf_dir), Path(out_dir), parallel)
+    except (SamiError, BaseException) as err:  # DCP wraps a rank's failure in a BaseException
+        return {"error": f"{type(err).__name__}: {err}"}
+    finally:
+        SafetensorsReader.read_rows = read_rows
+    return {"error": None}

@@ -265,3 +265,13 @@ def test_lazy_writer_matches_megatron_writer_one_chunk_at_a_time(converted, vari
             assert sum(count for _, count in chunks) == report["rows"][name], name
         assert any("linear_fc1" in name and len(chunks) == 2 for name, chunks in chunks_of.items())
     assert all(report["calls"] for report in reports)
+
+
+def test_a_read_error_in_any_writer_thread_fails_the_conversion_and_leaves_no_checkpoint(converted, tmp_path):
+    """torch's own writer loop lets a failing writer thread end quietly (its file's entries would
+    then be missing from a checkpoint that looks complete); the conversion's loop re-raises."""
+    hf_dir, _ = converted("llama")
+    out = tmp_path / "out"
+    [report] = run_distributed(jobs.conversion_with_a_read_error_in_a_writer_thread, 1, str(hf_dir), str(out))
+    assert report["error"] is not None and "Input/output error" in report["error"]
+    assert not out.exists() and not out.with_name("out.incomplete").exists()
