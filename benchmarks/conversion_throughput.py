@@ -4,7 +4,10 @@
 
 Writes a synthetic bf16 Llama checkpoint of about ``--gb`` GB (sharded safetensors + index),
 then measures in one run:
-- ``cp`` of the same safetensors files (the reference speed for moving these bytes);
+- ``cp`` of the same safetensors files (the reference speed for moving these bytes), alone and
+  followed by ``sync``: the converter makes its files durable (fsync) before renaming the
+  checkpoint into place, so ``cp + sync`` moves the same bytes to the same place (the disk);
+  plain ``cp`` returns while its bytes are still only in the page cache;
 - ``sami-convert hf-to-megatron`` in one process, and split over 2 pipeline stages (torchrun);
 and prints throughput as a ratio to the copy, and each run's peak resident memory per process
 as a ratio to the largest single tensor and to the whole model. A second, smaller model
@@ -129,10 +132,12 @@ def main() -> int:
         return [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(pipeline), "-m",
                 "megatron_sami.cli.convert", "hf-to-megatron", source, str(out), "--pipeline", str(pipeline)]
 
-    outputs = {name: args.workdir / name for name in ("copy", "c1", "c2", "c3")}
+    outputs = {name: args.workdir / name for name in ("copy", "copy-synced", "c1", "c2", "c3")}
 
     runs = {
         "cp": ("big", outputs["copy"], ["cp", "-r", str(args.workdir / "hf-big"), str(outputs["copy"])]),
+        "cp + sync": ("big", outputs["copy-synced"],
+                      ["sh", "-c", f"cp -r {args.workdir / 'hf-big'} {outputs['copy-synced']} && sync"]),
         "convert, 1 process": ("big", outputs["c1"], convert("big", outputs["c1"])),
         "convert, PP=2 (2 processes)": ("big", outputs["c2"], convert("big", outputs["c2"], pipeline=2)),
         "convert small, 1 process": ("small", outputs["c3"], convert("small", outputs["c3"])),
@@ -144,14 +149,15 @@ def main() -> int:
         # Each output is deleted once measured, so that every run meets the same page-cache
         # pressure (kept outputs would leave the later runs writing into a fuller cache).
         shutil.rmtree(output)
-    copy_seconds = results["cp"][0]
-    print(f"{'run':<30} {'seconds':>8} {'GB/s':>7} {'speed vs cp':>12} {'peak RSS GB':>12} "
+    copy_seconds, synced_seconds = results["cp"][0], results["cp + sync"][0]
+    print(f"{'run':<30} {'seconds':>8} {'GB/s':>7} {'vs cp':>7} {'vs cp+sync':>11} {'peak RSS GB':>12} "
           f"{'RSS/largest':>12} {'RSS/model':>10}")
     for name, (seconds, peak_gb) in results.items():
         total, largest = models[runs[name][0]]
-        speed = f"{copy_seconds / seconds * total / models['big'][0]:12.2f}"
-        print(f"{name:<30} {seconds:8.1f} {total / 1e9 / seconds:7.2f} {speed} "
-              f"{peak_gb:12.2f} {peak_gb * 1e9 / largest:12.1f} {peak_gb * 1e9 / total:10.2f}")
+        share = total / models["big"][0]
+        print(f"{name:<30} {seconds:8.1f} {total / 1e9 / seconds:7.2f} {copy_seconds / seconds * share:7.2f} "
+              f"{synced_seconds / seconds * share:11.2f} {peak_gb:12.2f} {peak_gb * 1e9 / largest:12.1f} "
+              f"{peak_gb * 1e9 / total:10.2f}")
     (big_total, largest), (small_total, _) = models["big"], models["small"]
     margin = results["convert small, 1 process"][1]
     excess = results["convert, 1 process"][1] - margin
@@ -163,8 +169,8 @@ def main() -> int:
     extra_seconds = results["convert, 1 process"][0] - results["convert small, 1 process"][0]
     rate = (big_total - small_total) / extra_seconds
     print(f"conversion rate between the two sizes (start-up excluded): {rate / 1e9:.2f} GB/s = "
-          f"{rate * copy_seconds / big_total:.2f} x cp (target: at least 0.5); "
-          f"start-up about {results['convert small, 1 process'][0] - small_total / rate:.1f} s")
+          f"{rate * copy_seconds / big_total:.2f} x cp, {rate * synced_seconds / big_total:.2f} x cp + sync "
+          f"(target: at least 0.5); start-up about {results['convert small, 1 process'][0] - small_total / rate:.1f} s")
     shutil.rmtree(args.workdir, ignore_errors=True)
     return 0
 

@@ -130,22 +130,32 @@ def lazy_and_eager_saves(hf_dir: str, out_dir: str, pipeline: int = 1) -> dict:
 
 
 def conversion_with_a_read_error_in_a_writer_thread(hf_dir: str, out_dir: str) -> dict:
-    """Convert while every read made by a writer thread other than the main one fails with EIO."""
+    """Convert while every read or copy from a source file made by a writer thread other than
+    the main one fails with EIO."""
     import errno
+    import os
     import threading
 
     from megatron_sami.conversion.hf_io import SafetensorsReader
     from megatron_sami.errors import SamiError
 
-    read_rows = SafetensorsReader.read_rows
+    read_rows, copy_file_range = SafetensorsReader.read_rows, os.copy_file_range
 
-    def failing(self, key, *args):
-        if threading.current_thread() is not threading.main_thread():
+    def in_a_writer_thread() -> bool:
+        return threading.current_thread() is not threading.main_thread()
+
+    def failing_read(self, key, *args):
+        if in_a_writer_thread():
             with self._guard(self.file_of[key]):
                 raise OSError(errno.EIO, "Input/output error")
         return read_rows(self, key, *args)
 
-    SafetensorsReader.read_rows = failing
+    def failing_copy(*args):
+        if in_a_writer_thread():
+            raise OSError(errno.EIO, "Input/output error")
+        return copy_file_range(*args)
+
+    SafetensorsReader.read_rows, os.copy_file_range = failing_read, failing_copy
     parallel = ParallelConfig()
     try:
         with megatron_runtime(parallel):
@@ -153,5 +163,5 @@ def conversion_with_a_read_error_in_a_writer_thread(hf_dir: str, out_dir: str) -
     except (SamiError, BaseException) as err:  # DCP wraps a rank's failure in a BaseException
         return {"error": f"{type(err).__name__}: {err}"}
     finally:
-        SafetensorsReader.read_rows = read_rows
+        SafetensorsReader.read_rows, os.copy_file_range = read_rows, copy_file_range
     return {"error": None}

@@ -112,6 +112,27 @@ def test_export_loads_with_from_pretrained_and_drops_padded_vocab(converted, tmp
     torch.testing.assert_close(model(TOKENS).logits, jobs.hf_logits(hf_dir, TOKENS), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_sources_convert_to_bf16_and_back(converted, dtype, tmp_path):
+    """bf16 bytes are copied file to file (padding rows left as zeros); fp16 is read and cast to
+    bf16, the dtype the checkpoint holds for any half-precision source; the export gives the
+    source's dtype back."""
+    from safetensors.torch import save_file
+
+    hf_dir, _ = converted("llama")
+    source = tmp_path / "source"
+    shutil.copytree(hf_dir, source, ignore=shutil.ignore_patterns("*.safetensors"))
+    original = {key: tensor.to(dtype) for key, tensor in read_safetensors_dir(hf_dir).items()}
+    save_file(original, str(source / "model.safetensors"))
+    run_distributed(jobs.to_megatron, 1, str(source), str(tmp_path / "megatron"))
+    assert json.loads((tmp_path / "megatron" / "conversion.json").read_text())["params_dtype"] == "bf16"
+    run_distributed(jobs.to_hf, 1, str(tmp_path / "megatron"), str(tmp_path / "back"))
+    back = read_safetensors_dir(tmp_path / "back")
+    assert sorted(back) == sorted(original)
+    for key, tensor in original.items():
+        assert back[key].dtype == dtype and torch.equal(back[key], tensor.to(torch.bfloat16).to(dtype)), key
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear error naming the fix, and nothing written.
 

@@ -96,3 +96,44 @@ def test_a_layout_reading_past_its_tensor_is_refused():
         to_rows("qkv", shapes, [tuple(q.shape), (k.shape[0] - 1, HIDDEN), tuple(v.shape)])
     with pytest.raises(ValueError, match="different shapes"):
         to_rows("gate_up", shapes, [(5, HIDDEN), (5, HIDDEN + 1)])
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_file_bytes_records_load_as_the_tensor_with_and_without_kernel_copies(kernel_copy, tmp_path, monkeypatch):
+    """A record written from FileBytes (source pieces and a zero piece) is the tensor torch.load
+    gives back, whether the bytes move by copy_file_range or, where a file system refuses it,
+    through a buffer."""
+    import errno
+    import io
+    import os
+
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import WriteItem, WriteItemType
+
+    from megatron_sami.models.checkpoint import FileBytes, _copy_file_bytes
+
+    if not kernel_copy:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    source = torch.arange(40, dtype=torch.bfloat16).reshape(10, 4)
+    (tmp_path / "source.bin").write_bytes(b"header" + bytes(source.view(torch.uint8).numpy()))
+    descriptor = os.open(tmp_path / "source.bin", os.O_RDONLY)
+    row = 4 * 2
+    chunk = FileBytes((6, 4), torch.bfloat16, ((descriptor, 6 + 7 * row, 2 * row), (None, 0, 2 * row),
+                                               (descriptor, 6 + 1 * row, 2 * row)))
+    expected = torch.cat([source[7:9], torch.zeros(2, 4, dtype=torch.bfloat16), source[1:3]])
+    path = tmp_path / "out.distcp"
+    item = WriteItem(index=MetadataIndex("w"), type=WriteItemType.TENSOR)
+    try:
+        with path.open("wb") as stream:
+            stream.write(b"earlier records")
+            result = _copy_file_bytes(stream, path, chunk, item, "out.distcp")
+            stream.write(b"later records")
+        assert torch.equal(chunk.read(), expected)
+    finally:
+        os.close(descriptor)
+    storage = result.storage_data
+    record = path.read_bytes()[storage.offset:storage.offset + storage.length]
+    assert torch.equal(torch.load(io.BytesIO(record), weights_only=True), expected)
+    assert path.read_bytes().endswith(b"later records")

@@ -17,6 +17,7 @@ place by rank 0 once every rank has finished.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -48,6 +49,7 @@ from megatron_sami.conversion.transforms import Rows, Shapes, to_hf, to_megatron
 from megatron_sami.models.build import Backend, build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.checkpoint import (
+    FileBytes,
     is_rank0,
     load_model,
     save_weights,
@@ -149,20 +151,40 @@ def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: 
                               f"from config.json needs {list(param.shape)}; the weights do not match the config.")
 
 
+def _overlaps(layout: list[Rows], first: int, count: int) -> Iterator[tuple[Rows, int, int]]:
+    """(piece, its first source row, number of rows) for rows ``first``..``first + count`` of a
+    Megatron tensor with row layout ``layout``, in order."""
+    row = 0  # the Megatron row where the current piece starts
+    for piece in layout:
+        low, high = max(row, first), min(row + piece.count, first + count)
+        if low < high:
+            yield piece, piece.start + low - row, high - low
+        row += piece.count
+
+
 def read_megatron_rows(reader: SafetensorsReader, rule: Rule, layout: list[Rows], first: int,
                        out: torch.Tensor) -> None:
     """Fill ``out`` with rows ``first``.. of the rule's Megatron tensor, read straight from the
     HF files (each piece of ``layout`` that overlaps is one positional read; padding is zeroed)."""
-    row = 0  # the Megatron row where the current piece starts
-    for piece in layout:
-        low, high = max(row, first), min(row + piece.count, first + out.shape[0])
-        if low < high:
-            target = out[low - first:high - first]
-            if piece.source is None:
-                target.zero_()
-            else:
-                reader.read_rows(rule.hf[piece.source], piece.start + low - row, high - low, target)
-        row += piece.count
+    position = 0
+    for piece, source_row, rows in _overlaps(layout, first, out.shape[0]):
+        target = out[position:position + rows]
+        if piece.source is None:
+            target.zero_()
+        else:
+            reader.read_rows(rule.hf[piece.source], source_row, rows, target)
+        position += rows
+
+
+def megatron_file_bytes(reader: SafetensorsReader, rule: Rule, layout: list[Rows], first: int,
+                        shape: tuple[int, ...], dtype: torch.dtype) -> FileBytes:
+    """Where the bytes of rows ``first``.. (``shape[0]`` of them) of the rule's Megatron tensor
+    lie in the HF files, for a checkpoint writer to copy them file to file."""
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    pieces = tuple((None, 0, rows * row_bytes) if piece.source is None
+                   else reader.locate_rows(rule.hf[piece.source], source_row, rows)
+                   for piece, source_row, rows in _overlaps(layout, first, shape[0]))
+    return FileBytes(shape, dtype, pieces)
 
 
 class _Progress:
@@ -223,10 +245,13 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     dtype = next(unwrap(megatron_model).parameters()).dtype
     progress = _Progress(sum(param.numel() * param.element_size() for _, param, _ in parameters))
 
-    def materialize(name: str, first: int, count: int) -> torch.Tensor:
-        out = torch.empty(count, *param_of[name].shape[1:], dtype=dtype)
-        read_megatron_rows(reader, rule_of[name], layout_of[name], first, out)
-        progress.record(out.numel() * out.element_size())
+    def materialize(name: str, first: int, count: int) -> torch.Tensor | FileBytes:
+        rule, shape = rule_of[name], (count, *param_of[name].shape[1:])
+        progress.record(math.prod(shape) * dtype.itemsize)
+        if all(reader.tensor_dtype(key) == dtype for key in rule.hf):  # bytes as they are: copied file to file
+            return megatron_file_bytes(reader, rule, layout_of[name], first, shape, dtype)
+        out = torch.empty(shape, dtype=dtype)
+        read_megatron_rows(reader, rule, layout_of[name], first, out)
         return out
 
     with staged_output(out_dir) as staging:

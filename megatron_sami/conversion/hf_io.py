@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from megatron_sami.conversion.table import ConversionError
 from megatron_sami.errors import ConfigError
 from megatron_sami.models.catalogue import model_config_from_dict
+from megatron_sami.models.checkpoint import read_exactly
 from megatron_sami.models.config import ModelConfig
 
 FAMILY_OF_ARCHITECTURE = {
@@ -162,44 +163,50 @@ class SafetensorsReader:
         return sorted(self.file_of)
 
     def shape(self, key: str) -> list[int]:
-        return list(self._entry(key)[1]["shape"])
+        return list(self._checked_entry(key)[1]["shape"])
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key``, read into fresh memory (no mapping of the file stays resident)."""
-        entry = self._checked_entry(key)[1]
-        tensor = torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]])
+        tensor = torch.empty(self.shape(key), dtype=self.tensor_dtype(key))
         self.read_rows(key, 0, tensor.shape[0] if tensor.dim() else 1, tensor)
         return tensor
 
-    def read_rows(self, key: str, start: int, count: int, out: torch.Tensor) -> None:
-        """Read rows ``start``..``start + count`` of ``key`` (a row: everything below the first
-        dimension) straight into ``out``, a contiguous tensor of that many elements, converting the
-        dtype if ``out``'s differs. Positional reads: safe from several threads at once."""
+    def locate_rows(self, key: str, start: int, count: int) -> tuple[int, int, int]:
+        """(open file descriptor, byte offset, byte count) of rows ``start``..``start + count`` of
+        ``key`` (a row: everything below the first dimension), checked against the header."""
         data_start, entry = self._checked_entry(key)
-        file_name = self.file_of[key]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        row_bytes = math.prod(entry["shape"][1:]) * dtype.itemsize
-        if not out.is_contiguous():
-            raise ValueError("read_rows needs a contiguous output tensor")
-        target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
-        buffer = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        row_bytes = math.prod(entry["shape"][1:]) * self.tensor_dtype(key).itemsize
         num_rows = (entry["shape"] or [1])[0]
-        if len(buffer) != count * row_bytes or start + count > num_rows:
-            raise ValueError(f"rows {start}..{start + count} of {key} {entry['shape']} do not fit {list(out.shape)}")
+        if start < 0 or count < 0 or start + count > num_rows:
+            raise ValueError(f"rows {start}..{start + count} of {key} {entry['shape']}")
         begin, end = entry["data_offsets"]
-        offset = data_start + begin + start * row_bytes
+        file_name = self.file_of[key]
         with self._guard(file_name):
             if end - begin != num_rows * row_bytes:
                 raise ValueError(f"{key} has {end - begin} bytes for shape {entry['shape']}")
-            descriptor = self._descriptor(file_name)
-            done = 0
-            while done < len(buffer):  # one read returns at most about 2 GB
-                got = os.preadv(descriptor, [buffer[done:]], offset + done)
-                if got == 0:
-                    raise ValueError(f"{key} ends beyond the end of the file")
-                done += got
+            return self._descriptor(file_name), data_start + begin + start * row_bytes, count * row_bytes
+
+    def read_rows(self, key: str, start: int, count: int, out: torch.Tensor) -> None:
+        """Read rows ``start``..``start + count`` of ``key`` straight into ``out``, a contiguous
+        tensor of that many elements, converting the dtype if ``out``'s differs. Positional reads:
+        safe from several threads at once."""
+        if not out.is_contiguous():
+            raise ValueError("read_rows needs a contiguous output tensor")
+        descriptor, offset, nbytes = self.locate_rows(key, start, count)
+        dtype = self.tensor_dtype(key)
+        target = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+        if target.numel() * dtype.itemsize != nbytes:
+            raise ValueError(f"rows {start}..{start + count} of {key} {self.shape(key)} do not fit {list(out.shape)}")
+        with self._guard(self.file_of[key]):
+            read_exactly(descriptor, offset, target)
         if target is not out:
             out.copy_(target)
+
+    def tensor_dtype(self, key: str) -> torch.dtype:
+        name = self._checked_entry(key)[1]["dtype"]
+        if name not in _SAFETENSORS_DTYPES:
+            raise ConversionError(f"{key} has dtype {name}; only BF16, F16 and F32 checkpoints are supported.")
+        return _SAFETENSORS_DTYPES[name]
 
     def _checked_entry(self, key: str) -> tuple[int, dict]:
         if key not in self.file_of:
@@ -227,11 +234,7 @@ class SafetensorsReader:
 
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor, from the file header (no tensor is read)."""
-        first = self.keys()[0]
-        name = self._entry(first)[1]["dtype"]
-        if name not in _SAFETENSORS_DTYPES:
-            raise ConversionError(f"{first} has dtype {name}; only BF16, F16 and F32 checkpoints are supported.")
-        return _SAFETENSORS_DTYPES[name]
+        return self.tensor_dtype(self.keys()[0])
 
     def _entry(self, key: str) -> tuple[int, dict]:
         """(offset of its file's data section, the header entry: dtype, shape, data_offsets) of ``key``."""

@@ -8,9 +8,15 @@ It loads at any TP/PP/EP/DP layout (megatron-core reshards on load).
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
+import os
 import shutil
+import struct
 import threading
+import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +31,45 @@ WRITER_THREADS = 2
 
 class CheckpointError(SamiError):
     """A checkpoint is missing, incomplete, or does not match the model."""
+
+
+@dataclass(frozen=True)
+class FileBytes:
+    """A tensor whose bytes already lie in files, in order: each piece is (open file descriptor,
+    byte offset, byte count), or (None, 0, byte count) for zeros. A lazily saved checkpoint
+    copies such a tensor's bytes file to file inside the kernel (copy_file_range), so they never
+    pass through this process's memory."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    pieces: tuple[tuple[int | None, int, int], ...]
+
+    def read(self) -> torch.Tensor:
+        """The tensor itself, read into memory."""
+        tensor = torch.empty(self.shape, dtype=self.dtype)
+        flat = tensor.reshape(-1).view(torch.uint8)
+        position = 0
+        for descriptor, offset, nbytes in self.pieces:
+            piece = flat[position:position + nbytes]
+            if descriptor is None:
+                piece.zero_()
+            else:
+                read_exactly(descriptor, offset, piece)
+            position += nbytes
+        return tensor
+
+
+def read_exactly(descriptor: int, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous tensor ``out`` with a file's bytes from ``offset`` (positional reads,
+    safe from several threads)."""
+    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    while done < len(buffer):  # one read returns at most about 2 GB
+        got = os.preadv(descriptor, [buffer[done:]], offset + done)
+        if got == 0:
+            raise CheckpointError(f"a file ends {len(buffer) - done} bytes before the tensor being read from it; "
+                                  "it is truncated or changed while being read.")
+        done += got
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -114,16 +159,18 @@ def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = Tru
 
 
 def save_weights_lazily(model: torch.nn.Module, directory: Path,
-                        materialize: Callable[[str, int, int], torch.Tensor]) -> None:
+                        materialize: Callable[[str, int, int], torch.Tensor | FileBytes]) -> None:
     """Write a distributed checkpoint for a model built on the meta device (collective).
 
     The checkpoint is the one :func:`save_weights` would write for the same model and layout
     (megatron-core's own sharded state dict, factories and planner decide keys, shapes and
     chunks), but no tensor exists until the writer reaches it: ``materialize(name, first_row,
     num_rows)`` returns rows ``first_row``.. of parameter ``name`` (as in ``named_parameters``;
-    a row is everything below the first dimension) and is called then, once per chunk megatron
-    planned (the two halves of a gated fc1 are two chunks). Each chunk is dropped once written,
-    so a process holds about one chunk per writer thread instead of its whole model.
+    a row is everything below the first dimension) as a tensor, or as :class:`FileBytes` when
+    those bytes already lie in files (then they are copied file to file, never entering this
+    process's memory), and is called then, once per chunk megatron planned (the two halves of a
+    gated fc1 are two chunks). Each chunk is dropped once written, so a process holds at most
+    one chunk per writer thread instead of its whole model.
     """
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -169,7 +216,7 @@ def _row_range(base: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None
     return (view.storage_offset() - base.storage_offset()) // row, view.numel() // row
 
 
-def _lazy_save_planner(sources: dict, materialize: Callable[[str, int, int], torch.Tensor]):
+def _lazy_save_planner(sources: dict, materialize: Callable[[str, int, int], torch.Tensor | FileBytes]):
     """A megatron-core save planner whose tensors are produced when the writer asks for them."""
     from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
     from torch.distributed.checkpoint.planner import WriteItemType
@@ -188,13 +235,17 @@ def _lazy_save_planner(sources: dict, materialize: Callable[[str, int, int], tor
             if name is None:
                 raise CheckpointError(f"{write_item.index.fqn} is not a view of a model parameter; "
                                       "it cannot be written lazily.")
+            sizes = tuple(write_item.tensor_data.chunk.sizes)
             rows = _row_range(base, view)
             if rows is not None:
                 chunk = materialize(name, *rows)
+                if isinstance(chunk, FileBytes):
+                    return FileBytes(sizes, chunk.dtype, chunk.pieces)
             else:  # not whole rows (no such chunk at TP=1 today): make the parameter, copy the view
                 whole = materialize(name, 0, base.shape[0] if base.dim() else 1)
+                whole = whole.read() if isinstance(whole, FileBytes) else whole
                 chunk = whole.as_strided(view.size(), view.stride(), view.storage_offset()).clone()
-            return chunk.reshape(write_item.tensor_data.chunk.sizes)
+            return chunk.reshape(sizes)
 
     return LazySavePlanner()
 
@@ -243,6 +294,9 @@ def _streaming_writer(directory: Path):
             with self.fs.create_stream(path, "wb") as stream:
                 for item in ordered:
                     data = planner.resolve_data(item)
+                    if isinstance(data, FileBytes):
+                        written.append(_copy_file_bytes(stream, path, data, item, file_name))
+                        continue
                     if isinstance(data, torch.Tensor):
                         data = data.detach()
                         if data.untyped_storage().nbytes() != data.nbytes:
@@ -256,3 +310,107 @@ def _streaming_writer(directory: Path):
             return written
 
     return StreamingWriter(str(directory), single_file_per_rank=True, thread_count=WRITER_THREADS)
+
+
+def _copy_file_bytes(stream, path, chunk: FileBytes, write_item, file_name: str):
+    """Append the record torch.save would write for ``chunk`` to ``stream``, its bytes copied
+    from their source files inside the kernel; returns the DCP write result. torch.save under
+    ``skip_data`` writes the record with a gap where the bytes go (zero pieces stay that gap)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.storage import WriteResult
+
+    start = stream.tell()
+    with torch.serialization.skip_data():
+        # torch.empty only reserves address space: skip_data never touches the values.
+        torch.save(torch.empty(chunk.shape, dtype=chunk.dtype), stream)
+    stream.flush()
+    length = stream.tell() - start
+    position = _storage_bytes_offset(path, start, length, sum(nbytes for _, _, nbytes in chunk.pieces))
+    for descriptor, offset, nbytes in chunk.pieces:
+        if descriptor is not None:
+            try:
+                _copy_range(descriptor, offset, stream.fileno(), position, nbytes)
+            except OSError as err:
+                raise CheckpointError(f"copying a tensor's bytes into {path} failed ({err.strerror}); check the "
+                                      "source and output file systems and storage, then run again.") from err
+        position += nbytes
+    return WriteResult(index=write_item.index, size_in_bytes=length,
+                       storage_data=_StorageInfo(file_name, start, length))
+
+
+def _storage_bytes_offset(path, start: int, length: int, nbytes: int) -> int:
+    """File offset of the storage bytes in the torch.save record at ``start``..``start + length``
+    (a zip archive: its central directory names the entry, the local header gives the offset)."""
+    with open(path, "rb") as handle:
+        tail = min(length, 1 << 16)  # the central directory and end record sit at the end
+        handle.seek(start + length - tail)
+        end = handle.read(tail)
+        archive = zipfile.ZipFile(_Padded(end, length))
+        [entry] = [info for info in archive.infolist() if info.filename.split("/", 1)[-1] == "data/0"]
+        if entry.file_size != nbytes:
+            raise CheckpointError(f"torch.save reserved {entry.file_size} bytes for a {nbytes}-byte tensor.")
+        handle.seek(start + entry.header_offset)
+        header = handle.read(30)
+        name_length, extra_length = struct.unpack_from("<HH", header, 26)
+        return start + entry.header_offset + 30 + name_length + extra_length
+
+
+class _Padded(io.RawIOBase):
+    """The last bytes of an archive of ``length`` bytes, readable at their offsets in it (zipfile
+    reads only the end record and central directory, which lie there)."""
+
+    def __init__(self, end: bytes, length: int) -> None:
+        self.end, self.length, self.position = end, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        first = self.position - (self.length - len(self.end))
+        if first < 0:
+            raise OSError("zip read outside the archive's last 64 KiB")
+        data = self.end[first:first + len(buffer)]
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
+
+
+def _copy_range(source: int, source_offset: int, target: int, target_offset: int, nbytes: int) -> None:
+    """Copy bytes between files inside the kernel (copy_file_range); where the file systems do
+    not support it, through a buffer."""
+    done = 0
+    while done < nbytes:
+        try:
+            copied = os.copy_file_range(source, target, nbytes - done, source_offset + done, target_offset + done)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            _copy_range_buffered(source, source_offset + done, target, target_offset + done, nbytes - done)
+            return
+        if copied == 0:
+            raise CheckpointError(f"a source file ends {nbytes - done} bytes early; it is truncated or changed "
+                                  "while being read.")
+        done += copied
+
+
+def _copy_range_buffered(source: int, source_offset: int, target: int, target_offset: int, nbytes: int) -> None:
+    block = torch.empty(min(nbytes, 64 << 20), dtype=torch.uint8)
+    done = 0
+    while done < nbytes:
+        piece = block[:min(len(block), nbytes - done)]
+        read_exactly(source, source_offset + done, piece)
+        view = memoryview(piece.numpy())
+        written = 0
+        while written < len(view):
+            written += os.pwrite(target, view[written:], target_offset + done + written)
+        done += len(piece)
