@@ -7,9 +7,10 @@ Both train the same model on the same records with the same loss and AdamW, one 
 microbatch, fp32 on CPU (bf16 on a GPU). The plain loop is what a researcher writes first:
 for each query, the C x C (prompt k, response j) sequences padded to their longest, one
 ``AutoModelForCausalLM`` forward, masked mean log-probs, the two-sided InfoNCE, backward, and
-an optimizer step per global batch. ``sami-train`` runs at two ``data.seq_length`` settings:
-the tightest that fits, and a loose 1024 (what a config written for real data holds), which
-shows what trimming unused padding per step saves. The first step of each is a warm-up and is
+an optimizer step per global batch. ``sami-train`` runs as a single process (as the plain loop
+does) at two ``data.seq_length`` settings: the tightest that fits, and a loose 1024 (what a
+config written for real data holds), which shows what trimming unused padding per step saves;
+and once more under torchrun (its agent process shares the machine's cores). The first step of each is a warm-up and is
 not timed. Prints seconds per query and tokens per query side by side, and the ratios.
 Issue 4's target: sami-train no slower than the plain loop on CPU at TP=1 (ratio >= 1).
 """
@@ -91,9 +92,12 @@ def tightest_seq_length(model_dir: Path, records: Path) -> int:
     return -(-longest // 16) * 16
 
 
-def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_length: int, dtype: str) -> dict:
+def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_length: int, dtype: str,
+                   torchrun: bool = False) -> dict:
+    """One sami-train run: a single process (as the plain loop runs), or under torchrun."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"] if torchrun else []
+    command = [sys.executable, *launcher,
                "-m", "megatron_sami.cli.train", f"checkpoint={checkpoint}", f"data.records={records}",
                f"run_dir={run_dir}", f"steps={args.steps}", f"queries_per_step={args.queries_per_step}",
                "queries_per_microbatch=1", f"data.seq_length={seq_length}", f"precision.params_dtype={dtype}",
@@ -215,7 +219,10 @@ def main() -> None:
                                                                          args.workdir / "run-tight", args, tight,
                                                                          dtype),
                "sami-train seq_length=1024": run_sami_train(checkpoint, records, args.workdir / "run-loose", args,
-                                                            1024, dtype)}
+                                                            1024, dtype),
+               f"sami-train seq_length={tight}, torchrun": run_sami_train(checkpoint, records,
+                                                                        args.workdir / "run-torchrun", args, tight,
+                                                                        dtype, torchrun=True)}
     plain = results["plain transformers loop"]
     print(f"{'':44} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
           f"{'data':>6} {'fwd+bwd':>8} {'optim':>6} (s/query)")

@@ -13,6 +13,7 @@ parallelism is refused (the loss would need log-probs summed across CP ranks fir
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -24,16 +25,32 @@ from megatron_sami.training.lm import position_ids_like
 
 
 def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.Tensor,
-              vocab_size: int) -> torch.Tensor:
+              vocab_size: int, scored_NT: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token negative log-likelihood over the REAL vocabulary, vocab-parallel under TP.
 
     ``GPTModel(..., labels=...)`` normalises over the padded vocabulary too (the padding rows
     give logit 0), which shifts every log-prob; here the padded entries are masked out first,
     so the values equal those of the unpadded HF model.
+
+    With ``scored_NT`` (the loss mask), the output layer and the cross-entropy run only at the
+    scored positions (the responses; a SAMI sequence is mostly prompt) and every other position
+    gets 0: the same values where scored, for a fraction of the largest matrix multiplication.
+    Not under sequence parallelism, where the output layer gathers the sequence itself.
     """
     from megatron.core import parallel_state, tensor_parallel
 
-    logits_NTV = model(tokens_NT, position_ids_like(tokens_NT), None)
+    from megatron_sami.models.checkpoint import unwrap
+
+    gpt = unwrap(model)
+    select = scored_NT is not None and parallel_state.is_pipeline_last_stage() and \
+        not gpt.config.sequence_parallel and bool(scored_NT.any())
+    if select:
+        scored_NT = scored_NT.bool()
+        with _output_layer_at(gpt, scored_NT):
+            logits_NTV = model(tokens_NT, position_ids_like(tokens_NT), None)  # [1, scored, V]
+        labels_NT = labels_NT[scored_NT].unsqueeze(0)
+    else:
+        logits_NTV = model(tokens_NT, position_ids_like(tokens_NT), None)
     if not parallel_state.is_pipeline_last_stage():
         return logits_NTV  # hidden states on their way to the next stage
     local_vocab = logits_NTV.shape[-1]
@@ -44,7 +61,27 @@ def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.
         logits_NTV = logits_NTV.masked_fill(is_padding_V, float("-inf"))
     # megatron-core's kernel reduces over the last dimension whatever the leading ones are
     # ([S, B] in megatron's own loop); [N, T] avoids two transposed copies of the logits.
-    return tensor_parallel.vocab_parallel_cross_entropy(logits_NTV, labels_NT)
+    nll_NT = tensor_parallel.vocab_parallel_cross_entropy(logits_NTV, labels_NT)
+    if select:
+        nll_NT = nll_NT.new_zeros(scored_NT.shape).masked_scatter(scored_NT, nll_NT[0])
+    return nll_NT
+
+
+@contextlib.contextmanager
+def _output_layer_at(gpt: torch.nn.Module, positions_NT: torch.Tensor) -> Iterator[None]:
+    """While inside, the model's output layer sees only the hidden states at ``positions_NT``
+    (as a [positions, 1, hidden] batch), so the model returns their logits as [1, positions, V]."""
+
+    def select(module, args, kwargs):
+        hidden_TNH = args[0] if args else kwargs.pop("input_")
+        chosen_M1H = hidden_TNH.transpose(0, 1)[positions_NT].unsqueeze(1)
+        return (chosen_M1H, *args[1:]), kwargs
+
+    handle = gpt.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _logp_BCC(nll_NT: torch.Tensor, mask_NT: torch.Tensor, num_constitutions: int, reduction: str) -> torch.Tensor:
@@ -64,7 +101,7 @@ def sami_forward_step(num_constitutions: int, loss_config: SamiLossConfig, vocab
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
         batch = next(data_iterator)
         tokens_NT, mask_NT = batch["tokens"], batch["loss_mask"]
-        nll_NT = token_nll(model, tokens_NT, batch["labels"], vocab_size)
+        nll_NT = token_nll(model, tokens_NT, batch["labels"], vocab_size, scored_NT=mask_NT)
 
         def loss_func(nll_NT: torch.Tensor, non_loss_data: bool = False):
             logp_BCC = _logp_BCC(nll_NT, mask_NT, num_constitutions, loss_config.logprob_reduction)
