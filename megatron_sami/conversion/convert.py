@@ -9,9 +9,10 @@ A converted checkpoint directory holds:
 
 Conversion runs at TP=1; pipeline and expert parallelism split the work (each process writes
 only its layers and experts, reading only those HF tensors). The model is built on the meta
-device and each parameter is made from its HF tensors when the checkpoint writer reaches it,
-so a process holds about one parameter at a time, whatever the model's size. Outputs are staged in ``<out>.incomplete`` and renamed into
-place by rank 0 once every rank has finished.
+device; each checkpoint chunk is made from its rows of the HF files when the checkpoint writer
+reaches it (copied file to file when the dtype is kept, read and cast otherwise), so a process
+holds at most a chunk per writer thread, whatever the model's size. Outputs are staged in
+``<out>.incomplete`` and renamed into place by rank 0 once every rank has finished.
 """
 
 from __future__ import annotations

@@ -211,9 +211,10 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
 def _row_range(base: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None:
     """(first row, number of rows) when ``view`` is whole consecutive rows of ``base``, else None."""
     row = base[0].numel() if base.dim() > 1 else 1
-    if not view.is_contiguous() or view.storage_offset() % row or view.numel() % row:
+    offset = view.storage_offset() - base.storage_offset()
+    if not view.is_contiguous() or offset % row or view.numel() % row:
         return None
-    return (view.storage_offset() - base.storage_offset()) // row, view.numel() // row
+    return offset // row, view.numel() // row
 
 
 def _lazy_save_planner(sources: dict, materialize: Callable[[str, int, int], torch.Tensor | FileBytes]):
