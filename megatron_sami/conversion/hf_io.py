@@ -112,12 +112,11 @@ class SafetensorsReader:
     def __init__(self, hf_dir: Path) -> None:
         self.hf_dir = hf_dir
         self.file_of = self._weight_map()
-        self._handles: dict[str, object] = {}
         self._headers: dict[str, tuple[int, dict]] = {}
         self._descriptors: dict[str, int] = {}
         self._lock = threading.Lock()
         for file_name in sorted(set(self.file_of.values())):
-            self._open(file_name)
+            self._validate(file_name)
 
     def _weight_map(self) -> dict[str, str]:
         index = self.hf_dir / INDEX_NAME
@@ -153,11 +152,10 @@ class SafetensorsReader:
                 f"{self.hf_dir / file_name} cannot be read ({type(err).__name__}: {err}); "
                 "the file is truncated or corrupt: download it again.") from err
 
-    def _open(self, file_name: str):
-        if file_name not in self._handles:
-            with self._guard(file_name):
-                self._handles[file_name] = safe_open(self.hf_dir / file_name, framework="pt")
-        return self._handles[file_name]
+    def _validate(self, file_name: str) -> None:
+        """safetensors' own checks of a file (header, sizes); tensors are read with plain reads."""
+        with self._guard(file_name), safe_open(self.hf_dir / file_name, framework="pt"):
+            pass
 
     def keys(self) -> list[str]:
         return sorted(self.file_of)

@@ -255,7 +255,6 @@ def _streaming_writer(directory: Path):
     """torch DCP's file-per-thread writer with its own loop over a file's items: each tensor is
     dropped as soon as it is written (torch's loop keeps a file's tensors until the file is
     closed), and a failure in any writer thread fails the save instead of ending that thread."""
-    import os
     import queue
 
     from torch.distributed.checkpoint import FileSystemWriter
