@@ -33,12 +33,29 @@ find_python312() {
   return 1
 }
 
+# torch's CUDA build with its NVIDIA libraries is most of the environment: about 5.5 GB
+# installed, plus the wheels unpacked in $TMPDIR while pip installs them.
+SAMI_ENV_MIN_FREE_GB="${SAMI_ENV_MIN_FREE_GB:-8}"
+
+check_free_space() {
+  local dir="$1" free_gb
+  free_gb=$(df -Pk "$dir" | awk 'NR == 2 {print int($4 / 1048576)}')
+  if [ "$free_gb" -lt "$SAMI_ENV_MIN_FREE_GB" ]; then
+    echo "error: only ${free_gb} GB free on the disk of $dir; creating the environment needs about" \
+         "${SAMI_ENV_MIN_FREE_GB} GB (torch with its CUDA libraries). Free some space, or point" \
+         "SAMI_VENV (and TMPDIR) at a larger disk." >&2
+    return 1
+  fi
+}
+
 ensure_env() {
   if [ -x "$SAMI_VENV/bin/python" ] && [ "$(cat "$SAMI_VENV/.sami-stamp" 2>/dev/null)" = "$SAMI_ENV_STAMP" ]; then
     return 0
   fi
   local py
   py="$(find_python312)"
+  check_free_space "$(dirname "$SAMI_VENV")"
+  check_free_space "${TMPDIR:-/tmp}"
   echo "[env] creating $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
   [ -x "$SAMI_VENV/bin/python" ] || "$py" -m venv "$SAMI_VENV"
   "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
