@@ -1,7 +1,8 @@
 """SAMI training speed: ``sami-train`` (Megatron-Core, TP=1) against a plain transformers loop.
 
     .venv/bin/python benchmarks/train_throughput.py [--model synthetic|smollm2] [--steps 4]
-        [--queries-per-step 4] [--constitutions 2] [--response-words 40] [--workdir /tmp/sami-bench-train]
+        [--queries-per-step 4] [--constitutions 2] [--response-words 40] [--rounds 3]
+        [--workdir /tmp/sami-bench-train]
 
 Both train the same model on the same records with the same loss and AdamW, one query per
 microbatch, fp32 on CPU (bf16 on a GPU). The plain loop is what a researcher writes first:
@@ -10,8 +11,10 @@ for each query, the C x C (prompt k, response j) sequences padded to their longe
 an optimizer step per global batch. ``sami-train`` runs as a single process (as the plain loop
 does) at two ``data.seq_length`` settings: the tightest that fits, and a loose 1024 (what a
 config written for real data holds), which shows what trimming unused padding per step saves;
-and once more under torchrun (its agent process shares the machine's cores). The first step of each is a warm-up and is
-not timed. Prints seconds per query and tokens per query side by side, and the ratios.
+and once more under torchrun (its agent process shares the machine's cores). The plain loop and the tight
+sami-train run alternately for ``--rounds`` pairs, and each pair gives one ratio (the machine is shared and
+drifts). The first step of each run is a warm-up and is not timed. Prints seconds per query and tokens per
+query side by side, the ratio of each pair and their median.
 Issue 4's target: sami-train no slower than the plain loop on CPU at TP=1 (ratio >= 1).
 """
 
@@ -104,6 +107,7 @@ def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_len
                "optimizer.use_distributed_optimizer=false", "optimizer.lr=1e-5", "save_interval=0"]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: 3x the model's bytes
     seconds = statistics.fmean(row["step_time_s"] for row in rows)
     tokens = statistics.fmean(row["tokens_per_s"] * row["step_time_s"] for row in rows)
     return {"s_per_query": seconds / args.queries_per_step, "tokens_per_query": tokens / args.queries_per_step,
@@ -193,6 +197,7 @@ def main() -> None:
     parser.add_argument("--queries-per-step", type=int, default=4)
     parser.add_argument("--constitutions", type=int, default=2)
     parser.add_argument("--response-words", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3, help="plain loop / sami-train pairs, run alternately")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sami-bench-train"))
     parser.add_argument("--plain-only", type=Path, help=argparse.SUPPRESS)  # internal: the plain loop's process
     args = parser.parse_args()
@@ -201,6 +206,8 @@ def main() -> None:
         result = run_plain(make_model(args.model, args.workdir), args.workdir / "records.jsonl", args, dtype)
         args.plain_only.write_text(json.dumps(result))
         return
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first step is a warm-up)")
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -213,23 +220,29 @@ def main() -> None:
                         str(checkpoint), "--overwrite"], check=True, capture_output=True, cwd=ROOT)
     tight = tightest_seq_length(model_dir, records)
     print(f"model {args.model} ({model_dir}), {dtype}, C={args.constitutions}, {args.queries_per_step} queries/step, "
-          f"{args.steps - 1} timed steps, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}")
-    results = {"plain transformers loop": run_plain_process(args),
-               f"sami-train seq_length={tight} (tightest)": run_sami_train(checkpoint, records,
-                                                                         args.workdir / "run-tight", args, tight,
-                                                                         dtype),
-               "sami-train seq_length=1024": run_sami_train(checkpoint, records, args.workdir / "run-loose", args,
-                                                            1024, dtype),
-               f"sami-train seq_length={tight}, torchrun": run_sami_train(checkpoint, records,
-                                                                        args.workdir / "run-torchrun", args, tight,
-                                                                        dtype, torchrun=True)}
-    plain = results["plain transformers loop"]
-    print(f"{'':44} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
+          f"{args.steps - 1} timed steps, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, "
+          f"{args.rounds} rounds")
+    # The plain loop and the tight sami-train alternate, so that each ratio compares runs made
+    # back to back (a shared machine drifts by several percent over minutes).
+    rows, ratios = [], []
+    for round_index in range(1, args.rounds + 1):
+        plain = run_plain_process(args)
+        sami = run_sami_train(checkpoint, records, args.workdir / "run-tight", args, tight, dtype)
+        ratios.append(plain["s_per_query"] / sami["s_per_query"])
+        rows += [(f"plain transformers loop, round {round_index}", plain, 1.0),
+                 (f"sami-train seq_length={tight} (tightest), round {round_index}", sami, ratios[-1])]
+    plain_mean = statistics.fmean(row[1]["s_per_query"] for row in rows[::2])
+    for name, seq_length, torchrun in (("sami-train seq_length=1024", 1024, False),
+                                       (f"sami-train seq_length={tight}, torchrun", tight, True)):
+        result = run_sami_train(checkpoint, records, args.workdir / "run-other", args, seq_length, dtype, torchrun)
+        rows.append((name + " (vs mean plain)", result, plain_mean / result["s_per_query"]))
+    print(f"{'':56} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
           f"{'data':>6} {'fwd+bwd':>8} {'optim':>6} (s/query)")
-    for name, result in results.items():
-        print(f"{name:44} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} "
-              f"{plain['s_per_query'] / result['s_per_query']:>14.2f}x   "
+    for name, result, ratio in rows:
+        print(f"{name:56} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} {ratio:>14.2f}x   "
               + " ".join(f"{result[key]:>{width}.3f}" for key, width in zip(SPLIT, (6, 8, 6), strict=True)))
+    print(f"sami-train (tightest) vs the plain loop, per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
+          f"median {statistics.median(ratios):.2f}x")
     print("speed vs plain > 1: sami-train is faster (target >= 1 on CPU at TP=1). Tokens: the plain loop counts its "
           "padded batch; sami-train the tokens the sequences use.")
 
