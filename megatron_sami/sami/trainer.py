@@ -353,8 +353,9 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             elapsed = time.perf_counter() - start
             eta = elapsed / (step - first_step + 1) * (cfg.steps - step)
             logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
-                        "%.0f tokens/s  %.2f TFLOP/s/GPU%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
+                        "%.0f tokens/s  %.2f TFLOP/s/%s%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
                         row["acc_col"], row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], tflops,
+                        "GPU" if torch.cuda.is_available() else "process",
                         f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "", eta)
             stop = stop_requested.agreed()
             if step == cfg.steps or stop or (cfg.save_interval and step % cfg.save_interval == 0):
