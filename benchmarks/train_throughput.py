@@ -224,14 +224,15 @@ def main() -> None:
           f"{args.rounds} rounds")
     # The plain loop and the tight sami-train alternate, so that each ratio compares runs made
     # back to back (a shared machine drifts by several percent over minutes).
-    rows, ratios = [], []
+    rows, ratios, plains = [], [], []
     for round_index in range(1, args.rounds + 1):
         plain = run_plain_process(args)
         sami = run_sami_train(checkpoint, records, args.workdir / "run-tight", args, tight, dtype)
+        plains.append(plain["s_per_query"])
         ratios.append(plain["s_per_query"] / sami["s_per_query"])
         rows += [(f"plain transformers loop, round {round_index}", plain, 1.0),
                  (f"sami-train seq_length={tight} (tightest), round {round_index}", sami, ratios[-1])]
-    plain_mean = statistics.fmean(row[1]["s_per_query"] for row in rows[::2])
+    plain_mean = statistics.fmean(plains)
     for name, seq_length, torchrun in (("sami-train seq_length=1024", 1024, False),
                                        (f"sami-train seq_length={tight}, torchrun", tight, True)):
         result = run_sami_train(checkpoint, records, args.workdir / "run-other", args, seq_length, dtype, torchrun)

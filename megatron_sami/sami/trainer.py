@@ -322,6 +322,7 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
         multiple = math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor)
         peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
+        flops_unit = "TFLOP/s/GPU" if torch.cuda.is_available() else "TFLOP/s/process"
         start, first_step = time.perf_counter(), step + 1
         last_saved = resume_from
         while step < cfg.steps:
@@ -353,9 +354,9 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             elapsed = time.perf_counter() - start
             eta = elapsed / (step - first_step + 1) * (cfg.steps - step)
             logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
-                        "%.0f tokens/s  %.2f TFLOP/s/%s%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
+                        "%.0f tokens/s  %.2f %s%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
                         row["acc_col"], row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], tflops,
-                        "GPU" if torch.cuda.is_available() else "process",
+                        flops_unit,
                         f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "", eta)
             stop = stop_requested.agreed()
             if step == cfg.steps or stop or (cfg.save_interval and step % cfg.save_interval == 0):
