@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from megatron_sami.conversion.convert import read_megatron_rows
 from megatron_sami.conversion.hf_io import SafetensorsReader
 from megatron_sami.conversion.table import Rule
-from megatron_sami.conversion.transforms import Shapes, to_hf, to_megatron, to_rows
+from megatron_sami.conversion.transforms import Shapes, megatron_shape, to_hf, to_megatron, to_rows
 
 HIDDEN = 6
 
@@ -64,6 +64,7 @@ def test_layouts_equal_straightforward_implementations_and_invert(transform, sha
     sources = sources_for(transform, shapes)
     fused = to_megatron(transform, shapes, *sources)
     assert torch.equal(fused, reference(transform, shapes, sources))
+    assert megatron_shape(transform, shapes, [tuple(source.shape) for source in sources]) == tuple(fused.shape)
     assert all(torch.equal(back, source) for back, source in zip(to_hf(transform, shapes, fused), sources, strict=True))
 
 

@@ -48,3 +48,54 @@ def test_cpu_layer_redirects_cuda_calls_to_the_cpu():
 def test_cpu_layer_is_never_active_when_cuda_is_available():
     (report,) = run_distributed(jobs.layer_inactive_when_cuda_is_available, 1)
     assert report == {"active": False, "untouched": True, "type_name": "torch.FloatTensor"}
+
+
+def test_deferred_compile_compiles_each_function_once_at_its_first_call():
+    from megatron_sami.runtime.megatron_import import deferred_compile
+
+    compiled = []
+
+    def fake_compile(fn, **options):
+        compiled.append((fn.__name__, options))
+        return lambda *args: ("compiled", fn(*args))
+
+    compile_later = deferred_compile(fake_compile)
+
+    @compile_later
+    def double(x):
+        return 2 * x
+
+    @compile_later(mode="max-autotune")
+    def negate(x):
+        return -x
+
+    assert compiled == [] and double.__name__ == "double"
+    assert double(3) == ("compiled", 6) and double(4) == ("compiled", 8)
+    assert negate(5) == ("compiled", -5)
+    assert compiled == [("double", {}), ("negate", {"mode": "max-autotune"})]
+
+
+_IMPORT_PROBE = """
+import atexit, gc, sys
+import megatron_sami
+import torch
+import megatron.core
+from megatron.core.models.gpt import GPTModel
+from megatron.core.jit import jit_fuser
+atexit._run_exitfuncs()
+print(sorted(name for name in ("torch._dynamo", "torch._inductor") if name in sys.modules),
+      jit_fuser is torch.compile, torch.compile.__module__, gc.get_freeze_count() > 0)
+"""
+
+
+def test_megatron_imports_without_dynamo_or_inductor_on_cpu_and_freezes_objects_at_exit():
+    """On CPU, megatron-core's import-time ``torch.compile`` decorators are deferred (they pulled
+    in torch._dynamo and torch._inductor: 1.6 s per process); torch.compile itself is restored."""
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("the deferral applies only without CUDA")
+    result = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
+    assert result.stdout.split("\n")[-2] == "[] False torch True"

@@ -46,7 +46,7 @@ from megatron_sami.conversion.table import (
     global_name,
     ignored_hf_keys,
 )
-from megatron_sami.conversion.transforms import Rows, Shapes, to_hf, to_megatron, to_rows
+from megatron_sami.conversion.transforms import Rows, Shapes, megatron_shape, to_hf, to_rows
 from megatron_sami.models.build import Backend, build_gpt_model
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.checkpoint import (
@@ -137,17 +137,18 @@ def _require_tp1(model_module: torch.nn.Module) -> None:
 
 def _check_shapes(rule: Rule, reader: SafetensorsReader, shapes: Shapes, param: torch.nn.Parameter) -> None:
     """The rule's HF tensors make a tensor of the parameter's shape, and the inverse gives the
-    HF shapes back (catches e.g. a vocab size that padding would otherwise hide). Runs on meta
-    tensors: only file headers are read."""
-    sources = [reader.meta(key) for key in rule.hf]
+    HF shapes back (catches e.g. a vocab size that padding would otherwise hide). Only file
+    headers are read; the inverse runs on a meta tensor."""
+    source_shapes = [tuple(reader.shape(key)) for key in rule.hf]
     try:
-        tensor = to_megatron(rule.transform, shapes, *sources)
-        round_trip = [tuple(t.shape) for t in to_hf(rule.transform, shapes, tensor)]
+        made_shape = megatron_shape(rule.transform, shapes, source_shapes)
+        made_meta = torch.empty(made_shape, dtype=reader.tensor_dtype(rule.hf[0]), device="meta")
+        round_trip = [tuple(t.shape) for t in to_hf(rule.transform, shapes, made_meta)]
     except (RuntimeError, ValueError):
-        tensor, round_trip = None, []
-    if tensor is None or tuple(tensor.shape) != tuple(param.shape) or round_trip != [tuple(t.shape) for t in sources]:
+        made_shape, round_trip = None, []
+    if made_shape is None or made_shape != tuple(param.shape) or round_trip != source_shapes:
         found = ", ".join(f"{key} {reader.shape(key)}" for key in rule.hf)
-        made = f"shape {list(tensor.shape)}" if tensor is not None else "no tensor"
+        made = f"shape {list(made_shape)}" if made_shape is not None else "no tensor"
         raise ConversionError(f"{found} give {rule.megatron} {made}, but the model built "
                               f"from config.json needs {list(param.shape)}; the weights do not match the config.")
 

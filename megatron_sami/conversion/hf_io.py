@@ -225,11 +225,6 @@ class SafetensorsReader:
                 os.close(descriptor)
             self._descriptors.clear()
 
-    def meta(self, key: str) -> torch.Tensor:
-        """A meta tensor with the shape and dtype of ``key`` (reads only the file header)."""
-        entry = self._entry(key)[1]
-        return torch.empty(entry["shape"], dtype=_SAFETENSORS_DTYPES[entry["dtype"]], device="meta")
-
     def dtype(self) -> torch.dtype:
         """The dtype of the first tensor, from the file header (no tensor is read)."""
         return self.tensor_dtype(self.keys()[0])

@@ -107,6 +107,13 @@ def to_rows(transform: str, shapes: Shapes, source_shapes: Sequence[Sequence[int
     return rows
 
 
+def megatron_shape(transform: str, shapes: Shapes, source_shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The shape of the Megatron tensor :func:`to_megatron` makes from HF tensors of
+    ``source_shapes`` (from the row layout alone: no tensor is made)."""
+    rows = to_rows(transform, shapes, source_shapes)
+    return (sum(piece.count for piece in rows), *source_shapes[0][1:])
+
+
 def to_megatron(transform: str, shapes: Shapes, *sources: torch.Tensor) -> torch.Tensor:
     """The whole TP=1 Megatron tensor made from the rule's HF tensors (any device, meta included)."""
     rows = to_rows(transform, shapes, [tuple(source.shape) for source in sources])
