@@ -75,8 +75,11 @@ def hf_matrices(hf_dir: str, items: list[dict], num_constitutions: int, reductio
 
 
 def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
-                      tensor: int, pipeline: int, reduction: str, trim: bool = False) -> torch.Tensor:
-    """With ``trim``, the batches lose their unused padding columns first, as the trainer does."""
+                      tensor: int, pipeline: int, reduction: str, trim: bool = False,
+                      share: bool = False) -> torch.Tensor:
+    """With ``trim``, the batches lose their unused padding columns first, as the trainer does;
+    with ``share``, each constitution's prompt is processed once (the shared-prompt layout)."""
+    from megatron_sami.sami.shared_prompt import share_microbatches
     from megatron_sami.sami.trainer import trim_padding
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
@@ -88,14 +91,20 @@ def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_c
             micro, length = trim_padding(micro, SEQ_LENGTH, 16, each=pipeline == 1)
             assert length < SEQ_LENGTH and length % 16 == 0
             assert pipeline > 1 or len({m["tokens"].shape[1] for m in micro}) > 1  # lengths differ per microbatch
+        if share:
+            micro, _ = share_microbatches(micro, num_constitutions, tensor, each=pipeline == 1)
+            assert all(m["tokens"].shape[0] == num_constitutions for m in micro)
         return score_matrices(model, micro, num_constitutions, config.vocab_size, reduction)
 
 
 def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
                        tensor: int, pipeline: int, num_microbatches: int,
-                       recompute: bool = False) -> tuple[float, float]:
-    """One forward/backward over a global batch; DP ranks take their slice of the queries."""
+                       recompute: bool = False, share: bool = False) -> tuple[float, float]:
+    """One forward/backward over a global batch; DP ranks take their slice of the queries
+    (with ``share``, in the shared-prompt layout)."""
     from megatron.core import parallel_state
+
+    from megatron_sami.sami.shared_prompt import share_microbatches
 
     from megatron_jobs import counted_grads, model_parallel_norm
 
@@ -108,8 +117,11 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
         mine = items[parallel_state.get_data_parallel_rank() * per_rank:][:per_rank]
         per_micro = per_rank // num_microbatches
         micro = [collate(mine[i * per_micro:(i + 1) * per_micro]) for i in range(num_microbatches)]
+        if share:
+            micro, _ = share_microbatches(micro, num_constitutions, tensor, each=pipeline == 1)
         step = sami_forward_step(num_constitutions, SamiLossConfig(), config.vocab_size)
-        logs = forward_backward(model, step, iter(micro), num_microbatches, SEQ_LENGTH, micro[0]["tokens"].shape[0])
+        logs = forward_backward(model, step, iter(micro), num_microbatches, micro[0]["tokens"].shape[1],
+                                micro[0]["tokens"].shape[0])
         grads = counted_grads(model)
         # Without DDP the gradients are per DP rank: average the gradient vectors, not the norms.
         if info.data_parallel_size > 1:

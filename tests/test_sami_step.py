@@ -27,6 +27,17 @@ def test_megatron_matrices_equal_transformers(model_dirs, tensor, pipeline, redu
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("tensor", "pipeline"), [(1, 1), (2, 1), (1, 2)], ids=["TP1", "TP2", "PP2"])
+def test_shared_prompts_give_the_matrices_of_the_pairs(model_dirs, tensor, pipeline):
+    """Each constitution's prompt processed once (block-causal mask, per-pair rotary positions)
+    gives transformers' matrices of the C x C padded pairs."""
+    hf_dir, ckpt = model_dirs
+    expected = sami_jobs.hf_matrices(hf_dir, sami_jobs.tokenized(hf_dir, 3, 3), 3, "sum")
+    for got in run_distributed(sami_jobs.megatron_matrices, tensor * pipeline, ckpt, hf_dir, 3, 3, tensor,
+                               pipeline, "sum", False, True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(("tensor", "pipeline"), [(2, 1), (1, 2)], ids=["TP2", "PP2"])
 def test_trimming_unused_padding_leaves_the_matrices_unchanged(model_dirs, tensor, pipeline):
     hf_dir, ckpt = model_dirs
@@ -64,18 +75,19 @@ def single_process_reference(model_dirs):
 
 
 @pytest.mark.parametrize(
-    ("world", "tensor", "pipeline", "num_microbatches", "recompute"),
-    [(1, 1, 1, 4, False), (2, 2, 1, 1, False), (2, 1, 2, 2, False), (2, 1, 1, 1, False), (4, 2, 2, 2, False),
-     (1, 1, 1, 1, True)],
-    ids=["4-microbatches", "TP2", "PP2", "DP2", "TP2xPP2", "activation-recompute"],
+    ("world", "tensor", "pipeline", "num_microbatches", "recompute", "share"),
+    [(1, 1, 1, 4, False, False), (2, 2, 1, 1, False, False), (2, 1, 2, 2, False, False), (2, 1, 1, 1, False, False),
+     (4, 2, 2, 2, False, False), (1, 1, 1, 1, True, False), (1, 1, 1, 1, False, True), (4, 2, 2, 2, False, True)],
+    ids=["4-microbatches", "TP2", "PP2", "DP2", "TP2xPP2", "activation-recompute", "shared-prompts",
+         "shared-prompts-TP2xPP2"],
 )
 def test_loss_and_gradient_are_invariant_to_layout_and_microbatching(
-    model_dirs, single_process_reference, world, tensor, pipeline, num_microbatches, recompute
+    model_dirs, single_process_reference, world, tensor, pipeline, num_microbatches, recompute, share
 ):
     hf_dir, ckpt = model_dirs
     loss, grad_norm = single_process_reference
     assert grad_norm > 0
     for got_loss, got_grad_norm in run_distributed(sami_jobs.loss_and_grad_norm, world, ckpt, hf_dir, 4, 2,
-                                                   tensor, pipeline, num_microbatches, recompute):
+                                                   tensor, pipeline, num_microbatches, recompute, share):
         assert got_loss == pytest.approx(loss, rel=1e-5)
         assert got_grad_norm == pytest.approx(grad_norm, rel=1e-4)

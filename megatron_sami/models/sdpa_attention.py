@@ -6,7 +6,9 @@ attention is GPU-only. This module keeps megatron's interface (constructor argum
 heads, dim] inputs, [s, b, heads * dim] output per tensor-parallel rank) and lets torch pick its
 fused kernel (flash or memory-efficient on GPU, the fused CPU kernel otherwise). It supports what
 the SAMI models use: causal self-attention, grouped KV heads, no attention bias, no packed
-sequences, no context parallelism.
+sequences, no context parallelism. Unlike megatron's own causal attentions, it applies an
+attention mask passed to its forward call (the shared-prompt layout's block-causal mask) instead
+of ignoring it; without one it is causal.
 """
 
 from __future__ import annotations
@@ -46,9 +48,9 @@ class SDPAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention supports neither attention bias nor packed sequences.")
         mask_type = attn_mask_type or self.attn_mask_type
-        causal = mask_type == AttnMaskType.causal
-        if attention_mask is not None and causal:
-            attention_mask = None  # megatron's causal mask is the one is_causal applies
+        # A mask given with the forward call is used as is, also in a causal layer: the SAMI step
+        # passes one only for shared prompts, where it is block-causal (see sami/shared_prompt.py).
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
         if attention_mask is not None:
             attention_mask = ~attention_mask  # megatron masks True positions; SDPA keeps True positions
         # [s, b, heads, dim] -> [b, heads, s, dim]; each query head uses KV group head // (heads / groups)

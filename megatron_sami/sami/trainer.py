@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_sami.conversion import convert
 from megatron_sami.errors import ConfigError, Preempted
+from megatron_sami.models.build import applies_attention_masks
 from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
@@ -34,6 +35,7 @@ from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.sami.data import DataError, PromptTemplate, collate, read_records, tokenize_records
 from megatron_sami.sami.objective import SamiLossConfig
 from megatron_sami.sami.schedule import LRSchedule
+from megatron_sami.sami.shared_prompt import PAD_SEGMENT, share_microbatches
 from megatron_sami.sami.step import sami_forward_step
 from megatron_sami.training.engine import (
     OptimizerSettings,
@@ -60,6 +62,10 @@ class DataConfig:
     seq_length: int = 512
     append_eos: bool = False
     on_overlength: str = "error"
+    # Each constitution's prompt is processed once per query instead of once per response
+    # (sami/shared_prompt.py): same log-probabilities, fewer tokens. Needs an attention that
+    # applies block masks (the local SDPA spec); with Transformer Engine's the pairs are used.
+    share_prompts: bool = True
 
 
 @dataclass
@@ -205,12 +211,20 @@ def load_training_state(path: Path, ddp_model, optimizer) -> dict:
     return trainer_state
 
 
+def used_tokens(micro: dict[str, torch.Tensor]) -> int:
+    """Tokens the model processes in a microbatch, padding excluded (pairs or shared prompts)."""
+    if "segment_ids" in micro:
+        return int((micro["segment_ids"] != PAD_SEGMENT).sum())
+    return int(used_lengths(micro["loss_mask"]).sum())
+
+
 def step_token_counts(micro: list[dict[str, torch.Tensor]], data_parallel_size: int) -> tuple[float, float]:
-    """(used, processed) tokens of the global batch, summed over data-parallel ranks."""
+    """(used, processed) tokens of the global batch, summed over data-parallel ranks: what the
+    model's inputs hold without and with padding."""
     from megatron.core import parallel_state
 
-    counts = torch.tensor([float(sum(used_lengths(m["loss_mask"]).sum() for m in micro)),
-                           float(sum(m["loss_mask"].numel() for m in micro))], dtype=torch.float64,
+    counts = torch.tensor([float(sum(used_tokens(m) for m in micro)),
+                           float(sum(m["tokens"].numel() for m in micro))], dtype=torch.float64,
                           device=collective_device())
     if data_parallel_size > 1:
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
@@ -314,6 +328,10 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             logger.info("resumed from %s at step %d", resume_from, step)
         metrics = MetricsWriter(run_dir, step, info.is_rank0)
         forward_step = sami_forward_step(num_constitutions, cfg.loss, model_config.vocab_size)
+        share_prompts = cfg.data.share_prompts and applies_attention_masks(model)
+        if cfg.data.share_prompts and not share_prompts:
+            logger.warning("data.share_prompts: this model's attention (Transformer Engine) ignores block masks; "
+                           "training on the C x C (prompt, response) pairs instead.")
         from megatron.core import parallel_state
 
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -333,7 +351,10 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
             mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
             micro = [collate(mine[i * cfg.queries_per_microbatch:(i + 1) * cfg.queries_per_microbatch])
                      for i in range(num_microbatches)]
-            micro, length = trim_padding(micro, cfg.data.seq_length, multiple, each=cfg.parallel.pipeline == 1)
+            if share_prompts:
+                micro, length = share_microbatches(micro, num_constitutions, multiple, each=cfg.parallel.pipeline == 1)
+            else:
+                micro, length = trim_padding(micro, cfg.data.seq_length, multiple, each=cfg.parallel.pipeline == 1)
             lr = cfg.lr_schedule.at(step, cfg.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
