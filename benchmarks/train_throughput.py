@@ -11,9 +11,10 @@ for each query, the C x C (prompt k, response j) sequences padded to their longe
 an optimizer step per global batch. ``sami-train`` runs as a single process (as the plain loop
 does) at two ``data.seq_length`` settings: the tightest that fits, and a loose 1024 (what a
 config written for real data holds), which shows what trimming unused padding per step saves;
-and once more under torchrun (its agent process shares the machine's cores). The plain loop and the tight
-sami-train run alternately for ``--rounds`` pairs, and each pair gives one ratio (the machine is shared and
-drifts). The first step of each run is a warm-up and is not timed. Prints seconds per query and tokens per
+once more under torchrun (its agent process shares the machine's cores), and once on the C x C
+pairs (``data.share_prompts=false``: each prompt processed once per response, as the plain loop
+does). The plain loop and the tight sami-train run alternately for ``--rounds`` pairs, and each
+pair gives one ratio (the machine is shared and drifts). The first step of each run is a warm-up and is not timed. Prints seconds per query and tokens per
 query side by side, the ratio of each pair and their median.
 Issue 4's target: sami-train no slower than the plain loop on CPU at TP=1 (ratio >= 1).
 """
@@ -96,7 +97,7 @@ def tightest_seq_length(model_dir: Path, records: Path) -> int:
 
 
 def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_length: int, dtype: str,
-                   torchrun: bool = False) -> dict:
+                   torchrun: bool = False, overrides: tuple[str, ...] = ()) -> dict:
     """One sami-train run: a single process (as the plain loop runs), or under torchrun."""
     shutil.rmtree(run_dir, ignore_errors=True)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"] if torchrun else []
@@ -104,7 +105,7 @@ def run_sami_train(checkpoint: Path, records: Path, run_dir: Path, args, seq_len
                "-m", "megatron_sami.cli.train", f"checkpoint={checkpoint}", f"data.records={records}",
                f"run_dir={run_dir}", f"steps={args.steps}", f"queries_per_step={args.queries_per_step}",
                "queries_per_microbatch=1", f"data.seq_length={seq_length}", f"precision.params_dtype={dtype}",
-               "optimizer.use_distributed_optimizer=false", "optimizer.lr=1e-5", "save_interval=0"]
+               "optimizer.use_distributed_optimizer=false", "optimizer.lr=1e-5", "save_interval=0", *overrides]
     subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][1:]
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final checkpoint: 3x the model's bytes
@@ -233,19 +234,23 @@ def main() -> None:
         rows += [(f"plain transformers loop, round {round_index}", plain, 1.0),
                  (f"sami-train seq_length={tight} (tightest), round {round_index}", sami, ratios[-1])]
     plain_mean = statistics.fmean(plains)
-    for name, seq_length, torchrun in (("sami-train seq_length=1024", 1024, False),
-                                       (f"sami-train seq_length={tight}, torchrun", tight, True)):
-        result = run_sami_train(checkpoint, records, args.workdir / "run-other", args, seq_length, dtype, torchrun)
+    for name, seq_length, torchrun, overrides in (
+            ("sami-train seq_length=1024", 1024, False, ()),
+            (f"sami-train seq_length={tight}, torchrun", tight, True, ()),
+            (f"sami-train seq_length={tight}, C x C pairs", tight, False, ("data.share_prompts=false",))):
+        result = run_sami_train(checkpoint, records, args.workdir / "run-other", args, seq_length, dtype, torchrun,
+                                overrides)
         rows.append((name + " (vs mean plain)", result, plain_mean / result["s_per_query"]))
-    print(f"{'':56} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
+    print(f"{'':60} {'s/query':>9} {'tokens/query':>13} {'speed vs plain':>15}   "
           f"{'data':>6} {'fwd+bwd':>8} {'optim':>6} (s/query)")
     for name, result, ratio in rows:
-        print(f"{name:56} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} {ratio:>14.2f}x   "
+        print(f"{name:60} {result['s_per_query']:>9.3f} {result['tokens_per_query']:>13.0f} {ratio:>14.2f}x   "
               + " ".join(f"{result[key]:>{width}.3f}" for key, width in zip(SPLIT, (6, 8, 6), strict=True)))
     print(f"sami-train (tightest) vs the plain loop, per round: {', '.join(f'{r:.2f}x' for r in ratios)}; "
           f"median {statistics.median(ratios):.2f}x")
     print("speed vs plain > 1: sami-train is faster (target >= 1 on CPU at TP=1). Tokens: the plain loop counts its "
-          "padded batch; sami-train the tokens the sequences use.")
+          "padded batch; sami-train the tokens its model processes, padding excluded (each constitution's prompt "
+          "once per query with shared prompts, once per pair without).")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megatron_sami.runtime.distributed import collective_device
 from megatron_sami.sami.objective import SamiLossConfig, sami_loss, sequence_logprobs
 from megatron_sami.sami.shared_prompt import block_causal_mask
-from megatron_sami.training.lm import position_ids_like
+from megatron_sami.training.lm import on_model_device, position_ids_like
 
 
 def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.Tensor,
@@ -137,7 +137,7 @@ def sami_forward_step(num_constitutions: int, loss_config: SamiLossConfig, vocab
         raise ConfigError("the SAMI step does not support context parallelism yet; set parallel.context=1.")
 
     def forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
-        batch = next(data_iterator)
+        batch = on_model_device(next(data_iterator), model)
         mask_NT = batch["loss_mask"]
         shared = batch if "score_index" in batch else None
         nll_NT = token_nll(model, batch["tokens"], batch["labels"], vocab_size, scored_NT=mask_NT, shared=shared)

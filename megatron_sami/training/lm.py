@@ -15,6 +15,12 @@ def position_ids_like(tokens_BT: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens_BT.shape[1], device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
 
 
+def on_model_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The batch's tensors on the device of the model's parameters (batches are made on the CPU)."""
+    device = next(model.parameters()).device
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
 def make_lm_batches(
     num_batches: int, micro_batch_size: int, seq_length: int, vocab_size: int, seed: int
 ) -> list[dict[str, torch.Tensor]]:
@@ -33,7 +39,7 @@ def make_lm_batches(
 
 def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
     """``forward_step_func`` for megatron-core's schedules: masked token-mean cross-entropy."""
-    batch = next(data_iterator)
+    batch = on_model_device(next(data_iterator), model)
     tokens_BT, labels_BT, mask_BT = batch["tokens"], batch["labels"], batch["loss_mask"].float()
     nll_BT = model(tokens_BT, position_ids_like(tokens_BT), None, labels=labels_BT)
 
