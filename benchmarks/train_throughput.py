@@ -14,8 +14,9 @@ config written for real data holds), which shows what trimming unused padding pe
 once more under torchrun (its agent process shares the machine's cores), and once on the C x C
 pairs (``data.share_prompts=false``: each prompt processed once per response, as the plain loop
 does). The plain loop and the tight sami-train run alternately for ``--rounds`` pairs, and each
-pair gives one ratio (the machine is shared and drifts). The first step of each run is a warm-up and is not timed. Prints seconds per query and tokens per
-query side by side, the ratio of each pair and their median.
+pair gives one ratio (the machine is shared and drifts). The first step of each run is a
+warm-up and is not timed. Prints seconds per query and tokens per query side by side, the ratio
+of each pair and their median.
 Issue 4's target: sami-train no slower than the plain loop on CPU at TP=1 (ratio >= 1).
 """
 

@@ -202,9 +202,9 @@ def applies_attention_masks(model: torch.nn.Module) -> bool:
     """Whether every self-attention of ``model`` applies an attention mask passed to its forward
     and takes per-sequence rotary positions: the project's SDPA core attention with megatron's
     unfused RoPE does; Transformer Engine's causal attention ignores the mask."""
+    from megatron_sami.models.checkpoint import unwrap
     from megatron_sami.models.sdpa_attention import SDPAttention
 
-    while hasattr(model, "module"):
-        model = model.module
+    model = unwrap(model)
     cores = [module.core_attention for module in model.modules() if hasattr(module, "core_attention")]
     return bool(cores) and all(isinstance(core, SDPAttention) for core in cores) and not model.config.apply_rope_fusion

@@ -155,6 +155,23 @@ def tokenize_records(records: list[SamiRecord], tokenizer, template: PromptTempl
     return tokenized, dropped
 
 
+def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
+    """Tokens each sequence really uses: the response, which the mask marks, ends it."""
+    positions = torch.arange(1, mask_NT.shape[1] + 1, dtype=mask_NT.dtype)
+    return (mask_NT * positions).amax(dim=1)
+
+
+def microbatch_lengths(needed: list[int], multiple: int, each: bool, limit: int | None = None) -> list[int]:
+    """The length each microbatch of a step is padded to: what it needs, rounded up to
+    ``multiple`` (at most ``limit``). With ``each`` every microbatch gets its own length
+    (possible without pipeline parallelism); otherwise all get the step's longest, as pipeline
+    stages exchange fixed shapes."""
+    lengths = [-(-n // multiple) * multiple for n in needed]
+    if limit is not None:
+        lengths = [min(limit, n) for n in lengths]
+    return lengths if each else [max(lengths)] * len(lengths)
+
+
 def collate(tokenized: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack whole C x C blocks of several queries into one microbatch."""
     return {key: torch.cat([item[key] for item in tokenized]) for key in tokenized[0]}

@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import torch
 
+from megatron_sami.sami.data import microbatch_lengths, used_lengths
+
 PAD_SEGMENT = -1
+
+
+Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]
 
 
 def _prompt_length(mask_T: torch.Tensor) -> int:
@@ -31,22 +36,18 @@ def _prompt_length(mask_T: torch.Tensor) -> int:
     return int(mask_T.nonzero()[0, 0]) + 1
 
 
-def _used_length(mask_T: torch.Tensor) -> int:
-    return int(mask_T.nonzero()[-1, 0]) + 1
-
-
-def _share_row(tokens_CT: torch.Tensor, mask_CT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+def _share_row(tokens_CT: torch.Tensor, mask_CT: torch.Tensor) -> Row:
     """The C pairs of one constitution -> (tokens, positions, segments) of one row, and for each
     pair the shared offsets of its scored positions."""
     prompt = _prompt_length(mask_CT[0])
+    used_C = used_lengths(mask_CT).long().tolist()
     tokens, positions, segments, offsets = [tokens_CT[0, :prompt]], [torch.arange(prompt)], \
         [torch.zeros(prompt, dtype=torch.long)], []
     start = prompt
-    for j in range(tokens_CT.shape[0]):
+    for j, used in enumerate(used_C):
         if _prompt_length(mask_CT[j]) != prompt or not torch.equal(tokens_CT[j, :prompt], tokens_CT[0, :prompt]):
             raise ValueError(f"pair {j} of a constitution does not start with the same prompt as pair 0; "
                              "these sequences cannot share it.")
-        used = _used_length(mask_CT[j])
         tokens.append(tokens_CT[j, prompt:used])
         positions.append(torch.arange(prompt, used))
         segments.append(torch.full((used - prompt,), j + 1, dtype=torch.long))
@@ -56,41 +57,46 @@ def _share_row(tokens_CT: torch.Tensor, mask_CT: torch.Tensor) -> tuple[torch.Te
     return torch.cat(tokens), torch.cat(positions), torch.cat(segments), offsets
 
 
-def shared_length(micro: dict[str, torch.Tensor], num_constitutions: int) -> int:
-    """The longest shared row this pair microbatch makes."""
-    C = num_constitutions
-    mask_QCCT = micro["loss_mask"].view(-1, C, C, micro["loss_mask"].shape[1])
-    longest = 0
-    for mask_CT in mask_QCCT.reshape(-1, C, mask_QCCT.shape[-1]):
-        prompt = _prompt_length(mask_CT[0])
-        longest = max(longest, prompt + sum(_used_length(mask_T) - prompt for mask_T in mask_CT))
-    return longest
-
-
-def share_prompts(micro: dict[str, torch.Tensor], num_constitutions: int, length: int) -> dict[str, torch.Tensor]:
-    """The shared layout of a pair microbatch, its rows padded to ``length`` (at least
-    :func:`shared_length`)."""
+def _share_rows(micro: dict[str, torch.Tensor], num_constitutions: int) -> list[Row]:
     C = num_constitutions
     tokens_NT, mask_NT = micro["tokens"], micro["loss_mask"]
     if tokens_NT.shape[0] % (C * C):
         raise ValueError(f"a pair microbatch holds whole C x C blocks; {tokens_NT.shape[0]} rows for C={C}")
-    rows = tokens_NT.shape[0] // C
-    tokens_RS = torch.zeros(rows, length, dtype=tokens_NT.dtype)
-    positions_RS = torch.zeros(rows, length, dtype=torch.long)
-    segments_RS = torch.full((rows, length), PAD_SEGMENT, dtype=torch.long)
+    return [_share_row(tokens_NT[row * C:(row + 1) * C], mask_NT[row * C:(row + 1) * C])
+            for row in range(tokens_NT.shape[0] // C)]
+
+
+def _padded(rows: list[Row], micro: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    tokens_RS = torch.zeros(len(rows), length, dtype=micro["tokens"].dtype)
+    positions_RS = torch.zeros(len(rows), length, dtype=torch.long)
+    segments_RS = torch.full((len(rows), length), PAD_SEGMENT, dtype=torch.long)
     score_index = []
-    for row in range(rows):
-        pairs = slice(row * C, (row + 1) * C)
-        tokens, positions, segments, offsets = _share_row(tokens_NT[pairs], mask_NT[pairs])
-        if tokens.shape[0] > length:
-            raise ValueError(f"a shared row needs {tokens.shape[0]} positions, more than length={length}")
+    for row, (tokens, positions, segments, offsets) in enumerate(rows):
         used = tokens.shape[0]
+        if used > length:
+            raise ValueError(f"a shared row needs {used} positions, more than length={length}")
         tokens_RS[row, :used], positions_RS[row, :used], segments_RS[row, :used] = tokens, positions, segments
         # Padding positions count on from the last real one (their values are never read).
         positions_RS[row, used:] = torch.arange(used, length)
         score_index += [row * length + offset for offset in offsets]
     return {"tokens": tokens_RS, "position_ids": positions_RS, "segment_ids": segments_RS,
-            "labels": micro["labels"], "loss_mask": mask_NT, "score_index": torch.cat(score_index)}
+            "labels": micro["labels"], "loss_mask": micro["loss_mask"], "score_index": torch.cat(score_index)}
+
+
+def share_prompts(micro: dict[str, torch.Tensor], num_constitutions: int, length: int) -> dict[str, torch.Tensor]:
+    """The shared layout of a pair microbatch, its rows padded to ``length``."""
+    return _padded(_share_rows(micro, num_constitutions), micro, length)
+
+
+def share_microbatches(micro: list[dict[str, torch.Tensor]], num_constitutions: int, multiple: int,
+                       each: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Every pair microbatch in the shared layout, rows padded to their longest rounded up to
+    ``multiple`` (per microbatch with ``each``, else one length per step: see
+    :func:`~megatron_sami.sami.data.microbatch_lengths`). Returns the microbatches and the
+    longest length."""
+    rows = [_share_rows(m, num_constitutions) for m in micro]
+    lengths = microbatch_lengths([max(row[0].shape[0] for row in batch) for batch in rows], multiple, each)
+    return [_padded(batch, m, n) for batch, m, n in zip(rows, micro, lengths, strict=True)], max(lengths)
 
 
 def block_causal_mask(segments_RS: torch.Tensor) -> torch.Tensor:
@@ -102,13 +108,3 @@ def block_causal_mask(segments_RS: torch.Tensor) -> torch.Tensor:
     visible_RSS = (same_RSS | (segments_RS == 0).unsqueeze(1)).tril()
     return ~visible_RSS.unsqueeze(1)
 
-
-def share_microbatches(micro: list[dict[str, torch.Tensor]], num_constitutions: int, multiple: int,
-                       each: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
-    """Every pair microbatch in the shared layout, rows padded to their longest rounded up to
-    ``multiple``; with ``each`` every microbatch has its own length, otherwise the step keeps
-    one (pipeline stages exchange fixed shapes). Returns the microbatches and the longest length."""
-    lengths = [-(-shared_length(m, num_constitutions) // multiple) * multiple for m in micro]
-    if not each:
-        lengths = [max(lengths)] * len(lengths)
-    return [share_prompts(m, num_constitutions, n) for m, n in zip(micro, lengths, strict=True)], max(lengths)

@@ -32,7 +32,15 @@ from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
-from megatron_sami.sami.data import DataError, PromptTemplate, collate, read_records, tokenize_records
+from megatron_sami.sami.data import (
+    DataError,
+    PromptTemplate,
+    collate,
+    microbatch_lengths,
+    read_records,
+    tokenize_records,
+    used_lengths,
+)
 from megatron_sami.sami.objective import SamiLossConfig
 from megatron_sami.sami.schedule import LRSchedule
 from megatron_sami.sami.shared_prompt import PAD_SEGMENT, share_microbatches
@@ -111,12 +119,6 @@ def query_order(num_queries: int, position: int, count: int, seed: int) -> list[
     return order
 
 
-def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
-    """Tokens each sequence really uses: the response, which the mask marks, ends it."""
-    positions = torch.arange(1, mask_NT.shape[1] + 1, dtype=mask_NT.dtype)
-    return (mask_NT * positions).amax(dim=1)
-
-
 def trim_alignment(fp8: bool) -> int:
     """What a trimmed length is rounded up to: 16 for FP8 GEMMs and GPU tensor cores; on CPU
     nothing gains from it, and rounding 120 tokens up to 128 costs 7% more compute."""
@@ -130,11 +132,8 @@ def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple
     the padding trails every sequence, so the real tokens' values are unchanged. With ``each``
     every microbatch gets its own length (possible without pipeline parallelism); otherwise
     the step keeps one length, as pipeline stages exchange fixed shapes."""
-    def length_of(batches: list[dict[str, torch.Tensor]]) -> int:
-        used = int(max(used_lengths(m["loss_mask"]).max() for m in batches))
-        return min(seq_length, -(-used // multiple) * multiple)
-
-    lengths = [length_of([m]) for m in micro] if each else [length_of(micro)] * len(micro)
+    lengths = microbatch_lengths([int(used_lengths(m["loss_mask"]).max()) for m in micro], multiple, each,
+                                 limit=seq_length)
     trimmed = [{key: value[:, :length] for key, value in m.items()} for m, length in zip(micro, lengths, strict=True)]
     return trimmed, max(lengths)
 
