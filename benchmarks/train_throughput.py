@@ -59,7 +59,7 @@ def make_model(kind: str, workdir: Path) -> Path:
 
 
 def make_records(path: Path, num_queries: int, num_constitutions: int, response_words: int) -> None:
-    from megatron_sami.expert.constitutions import load_constitution_set
+    from megatron_sami.rollout.constitutions import load_constitution_set
 
     principles = load_constitution_set("dialogue").principles
     rng = random.Random(0)
@@ -77,8 +77,8 @@ def dialogue_template():
     """The template sami-train uses by default (configs/template/dialogue.yaml)."""
     from omegaconf import OmegaConf
 
+    from megatron_sami.alignment.data import PromptTemplate
     from megatron_sami.models.catalogue import config_dir
-    from megatron_sami.sami.data import PromptTemplate
     from megatron_sami.typed_config import to_typed
 
     return to_typed(PromptTemplate, OmegaConf.load(config_dir() / "template" / "dialogue.yaml"), "template")
@@ -87,7 +87,7 @@ def dialogue_template():
 def tightest_seq_length(model_dir: Path, records: Path) -> int:
     from transformers import AutoTokenizer
 
-    from megatron_sami.sami.data import read_records, tokenize_record
+    from megatron_sami.alignment.data import read_records, tokenize_record
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     longest = 0

@@ -7,7 +7,7 @@ from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime import cpu_compat
 from megatron_sami.runtime.distributed import megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
-from megatron_sami.training.lm import lm_forward_step, make_lm_batches
+from megatron_sami.testing.lm import lm_forward_step, make_lm_batches
 
 
 def bf16_forward_backward_on_gpu(model_name: str) -> dict:

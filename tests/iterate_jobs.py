@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron_sami.expert.constitutions import load_constitution_set
 from megatron_sami.models.catalogue import config_dir
+from megatron_sami.rollout.constitutions import load_constitution_set
 from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
 
 QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]

@@ -15,6 +15,7 @@ from megatron_sami.models.checkpoint import load_model, save_model
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.testing.lm import lm_forward_step, make_lm_batches
 from megatron_sami.training.engine import (
     OptimizerSettings,
     build_optimizer,
@@ -23,7 +24,6 @@ from megatron_sami.training.engine import (
     train_step,
     wrap_ddp,
 )
-from megatron_sami.training.lm import lm_forward_step, make_lm_batches
 
 SEQ_LENGTH = 32
 FP32 = PrecisionConfig(params_dtype="fp32")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
+from megatron_sami.alignment.data import PromptTemplate, SamiRecord, collate, tokenize_records
+from megatron_sami.alignment.objective import SamiLossConfig, sequence_logprobs
+from megatron_sami.alignment.step import sami_forward_step, score_matrices
 from megatron_sami.conversion import convert
 from megatron_sami.runtime.distributed import megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
-from megatron_sami.sami.data import PromptTemplate, SamiRecord, collate, tokenize_records
-from megatron_sami.sami.objective import SamiLossConfig, sequence_logprobs
-from megatron_sami.sami.step import sami_forward_step, score_matrices
 from megatron_sami.training.engine import forward_backward, reduce_logs
 
 SEQ_LENGTH = 128
@@ -79,8 +79,8 @@ def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_c
                       share: bool = False) -> torch.Tensor:
     """With ``trim``, the batches lose their unused padding columns first, as the trainer does;
     with ``share``, each constitution's prompt is processed once (the shared-prompt layout)."""
-    from megatron_sami.sami.shared_prompt import share_microbatches
-    from megatron_sami.sami.trainer import trim_padding
+    from megatron_sami.alignment.shared_prompt import share_microbatches
+    from megatron_sami.alignment.trainer import trim_padding
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel):
@@ -104,7 +104,7 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
     (with ``share``, in the shared-prompt layout)."""
     from megatron.core import parallel_state
 
-    from megatron_sami.sami.shared_prompt import share_microbatches
+    from megatron_sami.alignment.shared_prompt import share_microbatches
 
     from megatron_jobs import counted_grads, model_parallel_norm
 

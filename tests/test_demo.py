@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from megatron_sami import demo
+from megatron_sami.testing import foundation_demo as demo
 from megatron_sami.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.slow

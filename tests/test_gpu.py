@@ -34,7 +34,7 @@ def test_sami_train_bf16_on_gpu_logs_finite_loss_and_tflops(tmp_path, share_prom
     import sami_jobs
     import torch
 
-    from megatron_sami.sami.data import SamiRecord
+    from megatron_sami.alignment.data import SamiRecord
 
     sami_jobs.make_tiny_sami_model(tmp_path)
     records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],

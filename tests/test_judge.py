@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from judge_server import FakeJudge
 
-from megatron_sami.expert.constitutions import load_constitution_set
-from megatron_sami.judge.client import JudgeConfig, JudgeError
-from megatron_sami.judge.evaluate import evaluate_pair
-from megatron_sami.judge.winrate import JUDGE_PROMPT, JUDGE_SYSTEM
+from megatron_sami.evaluation.judge import JudgeConfig, JudgeError
+from megatron_sami.evaluation.pairwise import evaluate_pair
+from megatron_sami.evaluation.winrate import JUDGE_PROMPT, JUDGE_SYSTEM
+from megatron_sami.rollout.constitutions import load_constitution_set
 
 ROOT = Path(__file__).resolve().parents[1]
 PRINCIPLES = ["helpful", "harmless"]
@@ -200,7 +200,7 @@ def post(served, path: str, payload, key: str | None = "default") -> tuple[int, 
 
 
 def test_served_chat_completion_equals_direct_greedy_generation(served, models):
-    from megatron_sami.expert.generation import GenerationConfig, HFBackend
+    from megatron_sami.rollout.generation import GenerationConfig, HFBackend
 
     messages = [{"role": "system", "content": "Be helpful."},
                 {"role": "user", "content": "How do I fix problem number 2 at home?"}]
@@ -246,7 +246,7 @@ def test_winrate_of_two_checkpoints_judged_by_sami_serve(served, models, tmp_pat
     summary = json.loads((out / "result.json").read_text())
     judged = [json.loads(line) for line in (out / "judgements.jsonl").read_text().splitlines()]
     assert len(judged) == summary["all"]["win_rate"]["n"] == 3 * 2  # queries x the dialogue set's principles
-    from megatron_sami.judge.winrate import parse_verdict, win_score
+    from megatron_sami.evaluation.winrate import parse_verdict, win_score
 
     for row in judged:
         assert isinstance(row["judge_reply"], str) and row["status"] == "ok"

@@ -6,7 +6,7 @@ import pytest
 import sami_jobs
 import torch
 
-from megatron_sami.sami.data import (
+from megatron_sami.alignment.data import (
     DataError,
     OverlengthError,
     read_records,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from megatron_sami.alignment.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
 from megatron_sami.errors import ConfigError
-from megatron_sami.sami.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
 
 
 def loop_reference(S, row_weight=0.5, col_weight=0.5):

@@ -48,7 +48,7 @@ def test_trimming_unused_padding_leaves_the_matrices_unchanged(model_dirs, tenso
 
 
 def test_trim_padding_keeps_every_used_token():
-    from megatron_sami.sami.trainer import trim_padding, used_lengths
+    from megatron_sami.alignment.trainer import trim_padding, used_lengths
 
     mask = torch.zeros(4, 64)
     for row, (start, end) in enumerate([(3, 10), (5, 21), (2, 7), (9, 15)]):

@@ -12,7 +12,7 @@ import conversion_jobs
 import pytest
 import sami_jobs
 
-from megatron_sami.sami.data import SamiRecord
+from megatron_sami.alignment.data import SamiRecord
 from megatron_sami.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_sami.sami.shared_prompt import PAD_SEGMENT, block_causal_mask, share_microbatches, share_prompts
+from megatron_sami.alignment.shared_prompt import (
+    PAD_SEGMENT,
+    block_causal_mask,
+    share_microbatches,
+    share_prompts,
+)
 
 IGNORE_TOKEN = 0
 

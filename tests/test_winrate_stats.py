@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_sami.judge.winrate import (
+from megatron_sami.evaluation.winrate import (
     Comparison,
     judge_messages,
     length_balanced,

@@ -94,7 +94,7 @@ def _pm(estimate: dict) -> str:
 
 
 def _from_run(run_dir: Path) -> list[dict]:
-    from megatron_sami.expert import mi
+    from megatron_sami.evaluation import mi
 
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
@@ -121,8 +121,8 @@ def _models(specs: list[str]) -> list[tuple[str, Path]]:
 def _load_template(name: str):
     from omegaconf import OmegaConf
 
+    from megatron_sami.alignment.data import PromptTemplate
     from megatron_sami.models.catalogue import config_dir
-    from megatron_sami.sami.data import PromptTemplate
     from megatron_sami.typed_config import to_typed
 
     template_file = config_dir() / "template" / f"{name}.yaml"
@@ -132,7 +132,7 @@ def _load_template(name: str):
 
 
 def _query_source(spec: str):
-    from megatron_sami.expert.queries import QuerySourceConfig
+    from megatron_sami.rollout.queries import QuerySourceConfig
 
     if spec.startswith("builtin:"):
         return QuerySourceConfig(source="builtin", name=spec.split(":", 1)[1])
@@ -140,15 +140,15 @@ def _query_source(spec: str):
 
 
 def _evaluate_models(args) -> list[dict]:
-    from megatron_sami.expert import mi
-    from megatron_sami.expert.constitutions import (
+    from megatron_sami.alignment.data import parse_record
+    from megatron_sami.evaluation import mi
+    from megatron_sami.rollout.constitutions import (
         SamplingConfig,
         evaluation_constitutions,
         load_constitution_set,
     )
-    from megatron_sami.expert.generation import GenerationConfig, generate_records, make_backend, read_shards
-    from megatron_sami.expert.queries import load_queries, split_queries
-    from megatron_sami.sami.data import parse_record
+    from megatron_sami.rollout.generation import GenerationConfig, generate_records, make_backend, read_shards
+    from megatron_sami.rollout.queries import load_queries, split_queries
 
     models = _models(args.model)
     if not models or args.out is None:
@@ -180,7 +180,7 @@ def _evaluate_models(args) -> list[dict]:
 
 
 def _judge_config(args):
-    from megatron_sami.judge.client import JudgeConfig
+    from megatron_sami.evaluation.judge import JudgeConfig
 
     judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model, api_key_env=args.judge_api_key_env,
                         max_tokens=args.judge_max_tokens, concurrency=args.judge_concurrency,
@@ -193,8 +193,8 @@ def _judge_config(args):
 def _winrate_run(args, judge) -> tuple[list[dict], Path]:
     from omegaconf import OmegaConf
 
-    from megatron_sami.expert.iterate import IterateConfig, Run, winrate_rows
-    from megatron_sami.judge.evaluate import parse_baselines, plot_winrates
+    from megatron_sami.evaluation.pairwise import parse_baselines, plot_winrates
+    from megatron_sami.iteration.driver import IterateConfig, Run, winrate_rows
     from megatron_sami.typed_config import to_typed
 
     config_file = args.run_dir / "config.yaml"
@@ -215,10 +215,10 @@ def _winrate_run(args, judge) -> tuple[list[dict], Path]:
 
 
 def _winrate_pair(args, judge) -> tuple[list[dict], Path]:
-    from megatron_sami.expert.constitutions import load_constitution_set
-    from megatron_sami.expert.generation import GenerationConfig, write_jsonl_atomic
-    from megatron_sami.expert.queries import load_queries, split_queries
-    from megatron_sami.judge import evaluate
+    from megatron_sami.evaluation import pairwise as evaluate
+    from megatron_sami.rollout.constitutions import load_constitution_set
+    from megatron_sami.rollout.generation import GenerationConfig, write_jsonl_atomic
+    from megatron_sami.rollout.queries import load_queries, split_queries
 
     if args.out is None:
         raise SamiError("give --out OUT for the responses, judgements and plot.")
@@ -251,7 +251,7 @@ def _winrate_pair(args, judge) -> tuple[list[dict], Path]:
 
 
 def _winrate(args) -> None:
-    from megatron_sami.judge.evaluate import format_table
+    from megatron_sami.evaluation.pairwise import format_table
     from megatron_sami.runtime import quiet
 
     quiet.install()

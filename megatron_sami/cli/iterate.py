@@ -11,7 +11,7 @@ from megatron_sami.typed_config import to_typed
 
 
 def _task(cfg) -> None:
-    from megatron_sami.expert.iterate import IterateConfig, run_iterations
+    from megatron_sami.iteration.driver import IterateConfig, run_iterations
     from megatron_sami.runtime import quiet
     from megatron_sami.runtime.distributed import setup_logging
 

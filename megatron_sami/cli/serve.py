@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sami-serve] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
-    from megatron_sami.judge.serve import ServeConfig, make_server
     from megatron_sami.runtime import quiet
+    from megatron_sami.serving.openai_server import ServeConfig, make_server
 
     quiet.install()
     try:

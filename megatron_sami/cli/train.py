@@ -9,7 +9,7 @@ from megatron_sami.typed_config import to_typed
 
 
 def _task(cfg) -> None:
-    from megatron_sami.sami.trainer import TrainConfig, train
+    from megatron_sami.alignment.trainer import TrainConfig, train
 
     train_config = to_typed(TrainConfig, cfg, "train")
     train(train_config, OmegaConf.to_yaml(cfg, resolve=True))

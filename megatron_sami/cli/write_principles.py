@@ -32,9 +32,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> Path:
-    from megatron_sami.expert.constitutions import load_constitution_set
-    from megatron_sami.expert.generation import GenerationConfig, make_backend
-    from megatron_sami.expert.principles import (
+    from megatron_sami.rollout.constitutions import load_constitution_set
+    from megatron_sami.rollout.generation import GenerationConfig, make_backend
+    from megatron_sami.rollout.principles import (
         PrincipleWriterError,
         accept,
         parse_drafts,

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sami.training.lm import position_ids_like
+from megatron_sami.models.gpt_ops import position_ids_like
 
 
 def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ class OptimizerSettings:
     """Optimizer and gradient settings (the learning-rate schedule lives with the trainer)."""
 
     name: str = "adam"  # adam (AdamW: decoupled weight decay), rmsprop, sgd
-    lr: float = 1e-5
+    lr: float = 5e-7  # the peak learning rate; lr_schedule shapes it over the run
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

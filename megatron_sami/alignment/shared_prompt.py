@@ -11,7 +11,7 @@ model processes ``C * prompt + sum(responses)`` tokens per constitution instead 
 prompt's last position, which the C responses share.
 
 A pair microbatch (``tokens``, ``labels``, ``loss_mask`` of shape [N, T], N = queries * C * C,
-as :func:`megatron_sami.sami.data.collate` makes it) becomes a shared one with
+as :func:`megatron_sami.alignment.data.collate` makes it) becomes a shared one with
 - ``tokens``, ``position_ids``, ``segment_ids`` [queries * C, S]: segment 0 is the prompt,
   ``j + 1`` response ``j``, -1 padding;
 - ``labels`` and ``loss_mask`` unchanged (the loss still reads one row per pair);
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_sami.sami.data import microbatch_lengths, used_lengths
+from megatron_sami.alignment.data import microbatch_lengths, used_lengths
 
 PAD_SEGMENT = -1
 
@@ -92,7 +92,7 @@ def share_microbatches(micro: list[dict[str, torch.Tensor]], num_constitutions: 
                        each: bool) -> tuple[list[dict[str, torch.Tensor]], int]:
     """Every pair microbatch in the shared layout, rows padded to their longest rounded up to
     ``multiple`` (per microbatch with ``each``, else one length per step: see
-    :func:`~megatron_sami.sami.data.microbatch_lengths`). Returns the microbatches and the
+    :func:`~megatron_sami.alignment.data.microbatch_lengths`). Returns the microbatches and the
     longest length."""
     rows = [_share_rows(m, num_constitutions) for m in micro]
     lengths = microbatch_lengths([max(row[0].shape[0] for row in batch) for batch in rows], multiple, each)

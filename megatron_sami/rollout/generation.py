@@ -21,11 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_sami.alignment.data import PromptTemplate
 from megatron_sami.errors import ConfigError, EnvironmentSetupError
-from megatron_sami.expert.constitutions import ConstitutionSet, SamplingConfig, sample_constitutions
-from megatron_sami.expert.queries import Query
+from megatron_sami.rollout.constitutions import ConstitutionSet, SamplingConfig, sample_constitutions
+from megatron_sami.rollout.queries import Query
 from megatron_sami.runtime.distributed import logger
-from megatron_sami.sami.data import PromptTemplate
 
 BACKENDS = ("hf", "vllm", "megatron")
 

@@ -1,4 +1,4 @@
-"""A plain language-modelling objective for the Megatron schedule.
+"""A plain language-modelling objective for the Megatron schedule (tests and the foundation demo).
 
 Token-mean cross-entropy under a loss mask: the objective of the foundation's invariance
 tests and of the demo. The SAMI objective plugs into the same ``forward_step_func`` contract.
@@ -10,15 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-
-def position_ids_like(tokens_BT: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens_BT.shape[1], device=tokens_BT.device).unsqueeze(0).expand_as(tokens_BT)
-
-
-def on_model_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The batch's tensors on the device of the model's parameters (batches are made on the CPU)."""
-    device = next(model.parameters()).device
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+from megatron_sami.models.gpt_ops import on_model_device, position_ids_like
 
 
 def make_lm_batches(

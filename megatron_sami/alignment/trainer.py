@@ -25,14 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_sami.conversion import convert
-from megatron_sami.errors import ConfigError, Preempted
-from megatron_sami.models.build import applies_attention_masks
-from megatron_sami.models.checkpoint import save_weights, staged_output
-from megatron_sami.models.config import PrecisionConfig
-from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
-from megatron_sami.runtime.layout import ParallelConfig
-from megatron_sami.sami.data import (
+from megatron_sami.alignment.data import (
     DataError,
     PromptTemplate,
     collate,
@@ -41,10 +34,17 @@ from megatron_sami.sami.data import (
     tokenize_records,
     used_lengths,
 )
-from megatron_sami.sami.objective import SamiLossConfig
-from megatron_sami.sami.schedule import LRSchedule
-from megatron_sami.sami.shared_prompt import PAD_SEGMENT, share_microbatches
-from megatron_sami.sami.step import sami_forward_step
+from megatron_sami.alignment.objective import SamiLossConfig
+from megatron_sami.alignment.schedule import LRSchedule
+from megatron_sami.alignment.shared_prompt import PAD_SEGMENT, share_microbatches
+from megatron_sami.alignment.step import sami_forward_step
+from megatron_sami.conversion import convert
+from megatron_sami.errors import ConfigError, Preempted
+from megatron_sami.models.build import applies_attention_masks
+from megatron_sami.models.checkpoint import save_weights, staged_output
+from megatron_sami.models.config import PrecisionConfig
+from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
+from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.training.engine import (
     OptimizerSettings,
     build_optimizer,
@@ -99,6 +99,7 @@ class TrainConfig:
             raise ConfigError(f"steps must be >= 1, got {self.steps}.")
         if self.queries_per_step < 1 or self.queries_per_microbatch < 1:
             raise ConfigError("queries_per_step and queries_per_microbatch must be >= 1.")
+        self.lr_schedule.check_peak(self.optimizer.lr)
 
     def microbatches_per_rank(self, data_parallel_size: int) -> int:
         per_rank, rest = divmod(self.queries_per_step, data_parallel_size)
@@ -354,7 +355,7 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
                 micro, length = share_microbatches(micro, num_constitutions, multiple, each=cfg.parallel.pipeline == 1)
             else:
                 micro, length = trim_padding(micro, cfg.data.seq_length, multiple, each=cfg.parallel.pipeline == 1)
-            lr = cfg.lr_schedule.at(step, cfg.steps)
+            lr = cfg.lr_schedule.at(step, cfg.steps, cfg.optimizer.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_start = time.perf_counter()

@@ -6,8 +6,8 @@ import statistics
 import pytest
 import torch
 
-from megatron_sami.expert import mi
-from megatron_sami.sami.data import PromptTemplate, SamiRecord
+from megatron_sami.alignment.data import PromptTemplate, SamiRecord
+from megatron_sami.evaluation import mi
 from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
 
 

@@ -69,7 +69,7 @@ class Generator:
     """The HF backend behind a lock, with per-request sampling settings."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        from megatron_sami.expert.generation import GenerationConfig, HFBackend
+        from megatron_sami.rollout.generation import GenerationConfig, HFBackend
 
         self.cfg = cfg
         self.backend = HFBackend(cfg.model_dir, GenerationConfig(dtype=cfg.dtype, batch_size=1, stop=[]))

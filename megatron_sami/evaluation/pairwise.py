@@ -20,24 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_sami.alignment.data import PromptTemplate
 from megatron_sami.errors import ConfigError, SamiError
-from megatron_sami.expert.constitutions import (
-    ConstitutionSet,
-    QueryConstitutions,
-    SamplingConfig,
-    choose_principles,
-    render,
-)
-from megatron_sami.expert.generation import (
-    GenerationConfig,
-    generate_records,
-    make_backend,
-    read_shards,
-    write_jsonl_atomic,
-)
-from megatron_sami.expert.queries import Query
-from megatron_sami.judge.client import JudgeClient, JudgeConfig
-from megatron_sami.judge.winrate import (
+from megatron_sami.evaluation.judge import JudgeClient, JudgeConfig
+from megatron_sami.evaluation.winrate import (
     Comparison,
     judge_messages,
     parse_verdict,
@@ -45,7 +31,21 @@ from megatron_sami.judge.winrate import (
     summarize,
     win_score,
 )
-from megatron_sami.sami.data import PromptTemplate
+from megatron_sami.rollout.constitutions import (
+    ConstitutionSet,
+    QueryConstitutions,
+    SamplingConfig,
+    choose_principles,
+    render,
+)
+from megatron_sami.rollout.generation import (
+    GenerationConfig,
+    generate_records,
+    make_backend,
+    read_shards,
+    write_jsonl_atomic,
+)
+from megatron_sami.rollout.queries import Query
 
 logger = logging.getLogger(__name__)
 

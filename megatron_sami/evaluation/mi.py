@@ -10,7 +10,7 @@ then their mean and standard error over queries:
 - ``paper_mi``: the paper's uncapped estimator from SUMMED log-probs,
   (1/C) sum_j [S[j, j] - (1/C) sum_k S[k, j]].
 
-Scoring tokenises exactly as training does (:func:`megatron_sami.sami.data.tokenize_record`).
+Scoring tokenises exactly as training does (:func:`megatron_sami.alignment.data.tokenize_record`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_sami.sami.data import PromptTemplate, SamiRecord, tokenize_record
-from megatron_sami.sami.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
+from megatron_sami.alignment.data import PromptTemplate, SamiRecord, tokenize_record
+from megatron_sami.alignment.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
 
 MAX_SCORED_LENGTH = 8192
 

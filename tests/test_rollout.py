@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from megatron_sami.errors import ConfigError
-from megatron_sami.expert.constitutions import (
+from megatron_sami.rollout.constitutions import (
     SamplingConfig,
     all_sign_patterns,
     available_sets,
@@ -17,9 +17,9 @@ from megatron_sami.expert.constitutions import (
     sample_constitutions,
     validate_sampling,
 )
-from megatron_sami.expert.filters import FilterConfig, filter_records
-from megatron_sami.expert.principles import Draft, accept, parse_drafts, to_constitution_yaml
-from megatron_sami.expert.queries import (
+from megatron_sami.rollout.filters import FilterConfig, filter_records
+from megatron_sami.rollout.principles import Draft, accept, parse_drafts, to_constitution_yaml
+from megatron_sami.rollout.queries import (
     QueryDataError,
     QuerySourceConfig,
     first_human_turn,

@@ -1,10 +1,4 @@
-"""Demo helpers.
-
-``report`` prints what the embedded-default expert-iteration run (``bash scripts/demo.sh``)
-measured: filter counts, the last training step of each iteration, both MI estimators of the
-base model and the last iteration, and the side-by-side samples.
-
-``train`` and ``verify`` are the foundation smoke job (real Megatron-Core on CPU, used by the
+"""The foundation smoke job (real Megatron-Core on CPU, used by the
 tests): ``train`` (torchrun, 2 processes) trains a tiny Llama-architecture ``GPTModel`` at
 tensor parallel size 2 with megatron-core DDP and the distributed optimizer on an embedded
 paragraph and saves an atomic distributed checkpoint; ``verify`` (one process) reloads it at
@@ -28,8 +22,8 @@ from megatron_sami.models.checkpoint import load_model, save_model
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.distributed import logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.testing.lm import lm_forward_step
 from megatron_sami.training.engine import OptimizerSettings, build_optimizer, train_step, wrap_ddp
-from megatron_sami.training.lm import lm_forward_step
 
 MODEL = "tiny-llama"
 SEQ_LENGTH = 64
@@ -126,35 +120,9 @@ def verify(run_dir: Path) -> int:
     return 0 if ok else 1
 
 
-def report(run_dir: Path) -> int:
-    """What the expert-iteration demo measured, in a few lines, and the side-by-side samples."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    rows = [row for row in summary["iterations"] if "mi" in row]
-    for row in summary["iterations"]:
-        if "filter" in row:
-            last = row["train_last_step"]
-            print(f"iteration {row['iteration']}: filters kept {row['filter']['kept']} of {row['filter']['input']}; "
-                  f"last training step: loss {last['loss']:.4f}, MI bound {last['mi_bound_nats']:.3f} nats")
-    first, final = rows[0]["mi"]["learned"], rows[-1]["mi"]["learned"]
-    for key, label in (("info_nce_bound", "InfoNCE bound"), ("paper_mi", "paper estimator")):
-        change = final[key]["mean"] - first[key]["mean"]
-        print(f"{label}: base {first[key]['mean']:.3f} -> iteration {rows[-1]['iteration']} "
-              f"{final[key]['mean']:.3f} nats ({'rose' if change > 0 else 'did not rise'} by {change:+.3f}; "
-              f"standard errors {first[key]['se']:.3f} / {final[key]['se']:.3f}, n = {final[key]['n']})")
-    for path in sorted((run_dir / "winrate").glob("iter*-vs-base/result.json")):
-        result = json.loads(path.read_text())["all"]
-        rate = result["win_rate"]
-        print(f"{path.parent.name}: win rate {rate['mean']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}] over {rate['n']} "
-              f"judged comparisons ({result['undecided']} undecided), length-balanced {result['length_balanced']:.3f}")
-    samples = run_dir / "samples.md"
-    if samples.is_file():
-        print(samples.read_text())
-    return 0 if summary["complete"] else 1
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["train", "verify", "report"])
+    parser.add_argument("phase", choices=["train", "verify"])
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -162,8 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "train":
         train(args.run_dir, args.steps, args.batch_size)
         return 0
-    if args.phase == "report":
-        return report(args.run_dir)
     return verify(args.run_dir)
 
 

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from megatron_sami.alignment.objective import SamiLossConfig, sami_loss, sequence_logprobs
+from megatron_sami.alignment.shared_prompt import block_causal_mask
+from megatron_sami.models.gpt_ops import on_model_device, position_ids_like
 from megatron_sami.runtime.distributed import collective_device
-from megatron_sami.sami.objective import SamiLossConfig, sami_loss, sequence_logprobs
-from megatron_sami.sami.shared_prompt import block_causal_mask
-from megatron_sami.training.lm import on_model_device, position_ids_like
 
 
 def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.Tensor,
@@ -41,7 +41,7 @@ def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.
     of every position are made and the scored ones picked).
 
     With ``shared`` (the ``tokens``, ``position_ids``, ``segment_ids`` and ``score_index`` of
-    :mod:`megatron_sami.sami.shared_prompt`), the model runs on the shared-prompt rows instead
+    :mod:`megatron_sami.alignment.shared_prompt`), the model runs on the shared-prompt rows instead
     of ``tokens_NT``, and the result still has the pairs' shape [N, T] of ``labels_NT``.
     """
     from megatron.core import parallel_state, tensor_parallel

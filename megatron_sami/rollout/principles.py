@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import yaml
 
 from megatron_sami.errors import SamiError
-from megatron_sami.expert.constitutions import ConstitutionSet
+from megatron_sami.rollout.constitutions import ConstitutionSet
 
 PAIR = re.compile(r"Principle:\s*(?P<definition>[^\n]+)\s*\n\s*Antithesis:\s*(?P<antithesis>[^\n]+)", re.IGNORECASE)
 MAX_WORDS = 40

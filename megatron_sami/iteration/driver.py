@@ -28,17 +28,20 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from megatron_sami.alignment.data import PromptTemplate, parse_record
 from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, Preempted, SamiError
-from megatron_sami.expert import mi
-from megatron_sami.expert.constitutions import (
+from megatron_sami.evaluation import mi
+from megatron_sami.evaluation import pairwise as winrate
+from megatron_sami.models.catalogue import config_dir
+from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
     SamplingConfig,
     evaluation_constitutions,
     load_constitution_set,
     validate_sampling,
 )
-from megatron_sami.expert.filters import FilterConfig, filter_records
-from megatron_sami.expert.generation import (
+from megatron_sami.rollout.filters import FilterConfig, filter_records
+from megatron_sami.rollout.generation import (
     GenerationConfig,
     check_backend_available,
     generate_records,
@@ -46,11 +49,8 @@ from megatron_sami.expert.generation import (
     read_shards,
     write_jsonl_atomic,
 )
-from megatron_sami.expert.queries import Query, QuerySourceConfig, load_queries, split_queries
-from megatron_sami.judge import evaluate as winrate
-from megatron_sami.models.catalogue import config_dir
+from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
 from megatron_sami.runtime.distributed import logger
-from megatron_sami.sami.data import PromptTemplate, parse_record
 
 TRAIN_FROM = ("base", "previous")
 
@@ -163,7 +163,7 @@ class Run:
                 validate_sampling(self.cset, self.eval_sampling(split))
 
     def _check_train_overrides(self) -> None:
-        from megatron_sami.sami.trainer import TrainConfig
+        from megatron_sami.alignment.trainer import TrainConfig
         from megatron_sami.typed_config import to_typed
 
         values = OmegaConf.merge(OmegaConf.load(config_dir() / "train.yaml"),
@@ -332,7 +332,7 @@ class Run:
         return {"model": str(model_dir), "shards": len(shards)}
 
     def filter(self, t: int) -> dict:
-        from megatron_sami.sami.data import DataError
+        from megatron_sami.alignment.data import DataError
 
         rows = read_shards(sorted((self.dir / f"iter{t}" / "generated").glob("shard-*.jsonl")))
         kept, counts = filter_records(rows, self.cfg.filters)

@@ -1,1 +1,0 @@
-"""Expert iteration: constitutions, queries, generation, filtering, the iteration driver, MI evaluation."""
