@@ -1,8 +1,8 @@
 """megatron-sami: SAMI (self-supervised alignment with mutual information) on Megatron-Core.
 
-Importing this package is cheap: it does not import torch or megatron-core. It does put the
+Importing this package is cheap: it does not import torch or Megatron-Core. It does put the
 finder of :mod:`megatron_sami.runtime.megatron_import` on ``sys.meta_path`` first, so that
-every later import of megatron-core in this process takes the faster CPU path described there.
+every later import of Megatron-Core in this process takes the faster CPU path described there.
 The Megatron seam lives in :mod:`megatron_sami.runtime` (process setup) and
 :mod:`megatron_sami.models` (model building, checkpoints).
 """

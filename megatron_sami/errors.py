@@ -1,8 +1,24 @@
-"""One exception base class for errors a user can fix, with typed subclasses.
+"""Every error type of the package, in one place: one base class for errors a user can fix,
+with typed subclasses.
 
-Every message is a sentence that names the fix. Command-line entry points catch
-:class:`SamiError` and print only the message (no traceback wall); anything else is a bug
-and keeps its traceback.
+Every :class:`SamiError` message is a sentence that names the fix. Command-line entry points
+catch :class:`SamiError` and print only the message (no traceback wall) and exit with code 2;
+anything else is a bug and keeps its traceback. The modules that raise these errors also make
+them importable under their old names (e.g. ``megatron_sami.alignment.data.DataError``).
+
+    SamiError
+    ├── ConfigError ── LayoutError
+    ├── EnvironmentSetupError
+    ├── CheckpointError
+    ├── ConversionError
+    ├── DataError ── OverlengthError
+    ├── QueryDataError
+    ├── PrincipleWriterError
+    ├── JudgeError
+    └── PhaseError
+    Preempted            (not an error: a requested stop; exit code 75)
+    RequestError         (an HTTP client's bad request to ``sami-serve``)
+    DistributedJobError  (a failed rank in a multi-process test)
 """
 
 
@@ -11,22 +27,70 @@ class SamiError(Exception):
 
 
 class ConfigError(SamiError):
-    """A configuration value is invalid or inconsistent with another one."""
+    """Raised when a configuration value is invalid or inconsistent with another one."""
 
 
 class LayoutError(ConfigError):
-    """The parallel layout does not fit the world size or the model."""
+    """Raised when the parallel layout does not fit the world size or the model."""
 
 
 class EnvironmentSetupError(SamiError):
-    """The process environment (launcher variables, devices, packages) is unusable."""
+    """Raised when the process environment (launcher variables, devices, packages) is unusable."""
+
+
+class CheckpointError(SamiError):
+    """Raised when a checkpoint is missing, incomplete, or does not match the model."""
+
+
+class ConversionError(SamiError):
+    """Raised when the input or output of an HF <-> Megatron conversion is unusable; nothing was written."""
+
+
+class DataError(SamiError):
+    """Raised when a records file or record is unusable; the message names the line."""
+
+
+class OverlengthError(DataError):
+    """Raised when a tokenized record does not fit ``data.seq_length`` (callers may skip the record)."""
+
+
+class QueryDataError(SamiError):
+    """Raised when a query source is missing, unreachable or malformed."""
+
+
+class PrincipleWriterError(SamiError):
+    """Raised when the principle writer model yields too few valid principles."""
+
+
+class JudgeError(SamiError):
+    """Raised when the judge endpoint cannot be used (unreachable, refusing the key, failing after retries)."""
+
+
+class PhaseError(SamiError):
+    """Raised when a phase's subprocess of ``sami-iterate`` fails; its own output says why."""
 
 
 class Preempted(Exception):
-    """The job was asked to stop (SIGUSR1/SIGTERM from the scheduler) and saved a checkpoint.
+    """Raised when the job was asked to stop (SIGUSR1/SIGTERM from the scheduler) and saved a checkpoint.
 
     Commands exit with :data:`EXIT_PREEMPTED` so a batch script can requeue itself.
     """
 
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: try again later
+
+
+class RequestError(Exception):
+    """Raised inside ``sami-serve`` when a client's request is invalid; answered with HTTP ``status``.
+
+    Not a :class:`SamiError`: the server reports it to the client and keeps serving.
+    """
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class DistributedJobError(AssertionError):
+    """Raised by the multi-process test harness when ranks failed or hung; the message holds each
+    rank's report. An ``AssertionError``, so pytest reports it as a test failure."""

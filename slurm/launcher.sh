@@ -7,11 +7,17 @@
 # evaluation on the first node. Rerunning or requeueing the same job continues where it stopped
 # (state.json in the run directory).
 #
-# Settings (environment, the template sets defaults): SAMI_MODEL (catalogue name), SAMI_BASE_HF
-# or SAMI_BASE_CKPT, SAMI_RUN_DIR, SAMI_TP, SAMI_PP, SAMI_EP, SAMI_GPUS_PER_NODE (tasks per node),
-# SAMI_ITERATE_ARGS (extra sami-iterate overrides), SAMI_CONTAINER_IMAGE / SAMI_CONTAINER_MOUNTS
-# (pyxis/enroot), SAMI_PYTHON, SAMI_ROOT. SAMI_DRY_RUN=1 prints the resolved layout and commands
-# without running anything (SAMI_NODES sets the node count outside an allocation).
+# The template holds the allocation (#SBATCH lines) and the layout, and names a recipe: the
+# model's training and generation settings, configs/recipe/<SAMI_RECIPE>.yaml (its header says
+# how to launch it by hand).
+#
+# Settings (environment, the template sets defaults): SAMI_MODEL (catalogue name), SAMI_RECIPE
+# (configs/recipe/ name; empty: configs/iterate.yaml alone), SAMI_BASE_HF or SAMI_BASE_CKPT,
+# SAMI_RUN_DIR, SAMI_TP, SAMI_PP, SAMI_EP, SAMI_GPUS_PER_NODE (tasks per node), SAMI_PARAMS_DTYPE
+# (checked, and passed to training when set), SAMI_ITERATE_ARGS (extra sami-iterate overrides, on
+# top of the recipe), SAMI_CONTAINER_IMAGE / SAMI_CONTAINER_MOUNTS (pyxis/enroot), SAMI_PYTHON,
+# SAMI_ROOT. SAMI_DRY_RUN=1 prints the resolved layout and commands without running anything
+# (SAMI_NODES sets the node count outside an allocation).
 set -euo pipefail
 
 sami_fail() {
@@ -34,6 +40,8 @@ SAMI_PP="${SAMI_PP:-1}"
 SAMI_EP="${SAMI_EP:-1}"
 SAMI_RUN_DIR="${SAMI_RUN_DIR:-$SAMI_ROOT/runs/${SAMI_MODEL:?set SAMI_MODEL}-${SLURM_JOB_NAME:-sami}}"
 SAMI_WORLD_SIZE=$((SAMI_NODES * SAMI_GPUS_PER_NODE))
+SAMI_RECIPE="${SAMI_RECIPE:-}"
+SAMI_CONFIGS="${SAMI_CONFIG_DIR:-$SAMI_ROOT/configs}"
 
 [ -x "$SAMI_PYTHON" ] || sami_fail "no Python at $SAMI_PYTHON; run 'bash scripts/test.sh --collect-only -q' once to create .venv, or set SAMI_PYTHON."
 
@@ -44,7 +52,18 @@ sami_check_layout() {
     "precision.params_dtype=${SAMI_PARAMS_DTYPE:-bf16}"
 }
 
+sami_recipes() {
+  local file names=()
+  for file in "$SAMI_CONFIGS"/recipe/*.yaml; do
+    [ -f "$file" ] && names+=("$(basename "$file" .yaml)")
+  done
+  echo "${names[*]}"
+}
+
 sami_check_inputs() {
+  if [ -n "$SAMI_RECIPE" ] && [ ! -f "$SAMI_CONFIGS/recipe/$SAMI_RECIPE.yaml" ]; then
+    sami_fail "no recipe $SAMI_CONFIGS/recipe/$SAMI_RECIPE.yaml; set SAMI_RECIPE to one of: $(sami_recipes)."
+  fi
   if [ -n "${SAMI_BASE_CKPT:-}" ]; then
     [ -f "$SAMI_BASE_CKPT/model.yaml" ] || sami_fail "SAMI_BASE_CKPT=$SAMI_BASE_CKPT is not a converted checkpoint (no model.yaml)."
   elif [ -n "${SAMI_BASE_HF:-}" ]; then
@@ -96,9 +115,12 @@ sami_srun_prefix() {
 sami_iterate_command() {
   local base
   if [ -n "${SAMI_BASE_CKPT:-}" ]; then base="base.checkpoint=$SAMI_BASE_CKPT"; else base="base.hf=$SAMI_BASE_HF"; fi
-  SAMI_COMMAND=("$SAMI_PYTHON" -m megatron_sami.cli.iterate "run_dir=$SAMI_RUN_DIR" "$base"
-    "launcher.prefix='$(sami_srun_prefix)'" "train.parallel.tensor=$SAMI_TP" "train.parallel.pipeline=$SAMI_PP"
-    "train.parallel.expert=$SAMI_EP")
+  SAMI_COMMAND=("$SAMI_PYTHON" -m megatron_sami.cli.iterate)
+  [ -z "$SAMI_RECIPE" ] || SAMI_COMMAND+=(--config-name "recipe/$SAMI_RECIPE")
+  SAMI_COMMAND+=("run_dir=$SAMI_RUN_DIR" "$base" "launcher.prefix='$(sami_srun_prefix)'"
+    "train.parallel.tensor=$SAMI_TP" "train.parallel.pipeline=$SAMI_PP" "train.parallel.expert=$SAMI_EP")
+  # The layout check above used this dtype; training must use the same one.
+  [ -z "${SAMI_PARAMS_DTYPE:-}" ] || SAMI_COMMAND+=("train.precision.params_dtype=$SAMI_PARAMS_DTYPE")
   if [ -n "${SAMI_ITERATE_ARGS:-}" ]; then
     local extra
     read -r -a extra <<< "$SAMI_ITERATE_ARGS"
@@ -135,6 +157,7 @@ sami_main() {
   sami_iterate_command
   if [ "${SAMI_DRY_RUN:-0}" = 1 ]; then
     echo "nodes: $SAMI_NODES x $SAMI_GPUS_PER_NODE tasks = world size $SAMI_WORLD_SIZE (TP $SAMI_TP, PP $SAMI_PP, EP $SAMI_EP)"
+    if [ -n "$SAMI_RECIPE" ]; then echo "recipe: $SAMI_RECIPE ($SAMI_CONFIGS/recipe/$SAMI_RECIPE.yaml)"; else echo "recipe: none ($SAMI_CONFIGS/iterate.yaml)"; fi
     echo "master: $MASTER_ADDR:$MASTER_PORT"
     echo "train launch: $(sami_srun_prefix) $SAMI_PYTHON -m megatron_sami.cli.train ..."
     printf 'driver:'; printf ' %q' "${SAMI_COMMAND[@]}"; echo

@@ -8,6 +8,7 @@ import torch
 
 from megatron_sami.conversion import convert
 from megatron_sami.conversion.verify import megatron_logits
+from megatron_sami.models import checkpoint_dir
 from megatron_sami.runtime.distributed import megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.testing.tiny import COMMON, VARIANTS  # noqa: F401 - the tests parametrize over them
@@ -37,7 +38,7 @@ def to_hf(ckpt_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1, max_s
 def logits_at(ckpt_dir: str, tokens_BT: torch.Tensor, tensor: int, pipeline: int, expert: int) -> torch.Tensor:
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline, expert=expert)
     with megatron_runtime(parallel):
-        model, megatron_model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", tokens_BT.shape[1])
+        model, megatron_model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", tokens_BT.shape[1])
         return megatron_logits(megatron_model, tokens_BT, model.vocab_size)
 
 
@@ -45,8 +46,8 @@ def resave_at(ckpt_dir: str, out_dir: str, tensor: int, pipeline: int) -> None:
     """Load a checkpoint at a layout and save it again from there (as training does)."""
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel):
-        _, megatron_model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32")
-        convert.save_checkpoint_dir(megatron_model, Path(ckpt_dir), Path(out_dir))
+        _, megatron_model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32")
+        checkpoint_dir.save_checkpoint_dir(megatron_model, Path(ckpt_dir), Path(out_dir))
 
 
 def expect_conversion_error(kind: str, source: str, out_dir: str) -> str:

@@ -1,5 +1,6 @@
 """Small rank bodies that exercise the multi-process harness itself and the CPU layer."""
 
+import collections
 import os
 import time
 
@@ -89,3 +90,44 @@ def layer_inactive_when_cuda_is_available() -> dict:
     active = cpu_compat.install()
     return {"active": active, "untouched": torch.cuda.current_device is original,
             "type_name": torch.zeros(1).type()}
+
+
+def backend_variables() -> dict:
+    """What the harness told this rank about its backend."""
+    return {name: os.environ.get(name) for name in ("SAMI_DIST_BACKEND", "CUDA_VISIBLE_DEVICES")}
+
+
+Pair = collections.namedtuple("Pair", "first second")
+
+
+def tensors_in_containers():
+    import torch
+
+    return {"pair": Pair(torch.ones(2), [torch.zeros(1), 3]), "plain": "text"}
+
+
+def gloo_on_a_machine_that_shows_a_gpu() -> dict:
+    """Pretend a GPU is visible: the gloo runtime must still run on the CPU (GPUs hidden, CPU
+    layer installed), and refuse to once CUDA has been initialised."""
+    import torch
+
+    from megatron_sami.errors import EnvironmentSetupError
+    from megatron_sami.runtime import cpu_compat
+    from megatron_sami.runtime.distributed import megatron_runtime
+    from megatron_sami.runtime.layout import ParallelConfig
+
+    torch.cuda.is_available = lambda: True
+    plain_is_initialized = torch.cuda.is_initialized
+    torch.cuda.is_initialized = lambda: True
+    try:
+        cpu_compat.install(hide_cuda=True)
+        refused = ""
+    except EnvironmentSetupError as error:
+        refused = str(error)
+    torch.cuda.is_initialized = plain_is_initialized
+    with megatron_runtime(ParallelConfig(), backend="gloo") as info:
+        zeros = torch.zeros(2, device="cuda")
+        report = {"device": info.device, "backend": info.backend, "layer": cpu_compat.is_active(),
+                  "cuda_visible": torch.cuda.is_available(), "tensor_device": zeros.device.type,
+                  "dist_backend": torch.distributed.get_backend()}
+    return {"refused": refused, **report}

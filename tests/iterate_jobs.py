@@ -9,6 +9,7 @@ from megatron_sami.models.catalogue import config_dir
 from megatron_sami.rollout.constitutions import load_constitution_set
 from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
 
+RECIPE = "tiny-llama"  # what slurm/sami_tiny.sh names; test_iterate.py runs it with --config-name
 QUERIES = [f"How do I fix problem number {i} at home?" for i in range(24)]
 
 
@@ -24,10 +25,6 @@ def make_inputs(root: Path) -> Path:
 
 
 def overrides(root: Path) -> list[str]:
-    """Two short iterations; filters relaxed (a random model writes no sentences), checkpoints every step."""
-    return ["iterations=2", "queries_per_iteration=4", "queries.source=jsonl", f"queries.path={root / 'queries.jsonl'}",
-            "evaluation.num_queries=3", "generation.max_new_tokens=12", "generation.shard_size=1",
-            "filters.debris=[]", "filters.require_sentence_end=false", "filters.drop_truncated=false",
-            "filters.drop_identical=false", "train.steps=2", "train.queries_per_step=2", "train.save_interval=1",
-            "train.data.seq_length=256", "train.precision.params_dtype=fp32", "train.optimizer.lr=1e-3",
-            "train.optimizer.use_distributed_optimizer=false"]
+    """The tests' own queries on top of the tiny CPU recipe (configs/recipe/tiny-llama.yaml: two short
+    iterations, filters relaxed because a random model writes no sentences, checkpoints every step)."""
+    return ["queries.source=jsonl", f"queries.path={root / 'queries.jsonl'}"]

@@ -1,7 +1,9 @@
 """Rank bodies for the multi-process Megatron tests (each runs inside one local process).
 
 Every body initialises the project's real runtime from the launcher variables that
-``run_distributed`` sets, builds the real ``GPTModel``, and tears down at the end.
+``run_distributed`` sets (the backend among them), builds the real ``GPTModel``, and tears down
+at the end. Inputs go to the runtime's device; results may stay there (the harness brings
+tensors back on the CPU).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import load_model_config
 from megatron_sami.models.checkpoint import load_model, save_model
 from megatron_sami.models.config import PrecisionConfig
-from megatron_sami.runtime.distributed import megatron_runtime
+from megatron_sami.runtime.distributed import collective_device, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.testing.lm import lm_forward_step, make_lm_batches
 from megatron_sami.training.engine import (
@@ -46,7 +48,8 @@ def model_parallel_norm(grads: list[torch.Tensor]) -> float:
     """The L2 norm of gradients spread over the TP x PP ranks of one model replica."""
     from megatron.core import parallel_state
 
-    grad_sq = torch.tensor([sum(float(g.double().pow(2).sum()) for g in grads)], dtype=torch.float64)
+    grad_sq = torch.tensor([sum(float(g.double().pow(2).sum()) for g in grads)], dtype=torch.float64,
+                           device=collective_device())
     torch.distributed.all_reduce(grad_sq, group=parallel_state.get_model_parallel_group())
     return float(grad_sq.sqrt())
 
@@ -55,10 +58,10 @@ def create_reference(model_name: str, ckpt_dir: str, seed: int = 1234) -> torch.
     """One process: random init at TP=1, save a distributed checkpoint, return logits."""
     config = load_model_config(model_name)
     parallel = ParallelConfig()
-    with megatron_runtime(parallel, model=config, seed=seed):
+    with megatron_runtime(parallel, model=config, seed=seed) as info:
         model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
         save_model(model, ckpt_dir)
-        return megatron_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+        return megatron_logits(model, sample_tokens(config.vocab_size).to(info.device), config.vocab_size)
 
 
 def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, expert: int):
@@ -66,10 +69,10 @@ def logits_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int,
     config = load_model_config(model_name)
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline, expert=expert)
     # A different seed: the weights must come from the checkpoint, not from the init.
-    with megatron_runtime(parallel, model=config, seed=99):
+    with megatron_runtime(parallel, model=config, seed=99) as info:
         model = build_gpt_model(config, parallel, FP32, SEQ_LENGTH)
         load_model(model, ckpt_dir)
-        return megatron_logits(model, sample_tokens(config.vocab_size), config.vocab_size)
+        return megatron_logits(model, sample_tokens(config.vocab_size).to(info.device), config.vocab_size)
 
 
 def loss_at_layout(model_name: str, ckpt_dir: str, tensor: int, pipeline: int, num_microbatches: int = 2):

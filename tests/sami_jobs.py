@@ -10,7 +10,7 @@ import torch
 from megatron_sami.alignment.data import PromptTemplate, SamiRecord, collate, tokenize_records
 from megatron_sami.alignment.objective import SamiLossConfig, sequence_logprobs
 from megatron_sami.alignment.step import sami_forward_step, score_matrices
-from megatron_sami.conversion import convert
+from megatron_sami.models import checkpoint_dir
 from megatron_sami.runtime.distributed import megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.training.engine import forward_backward, reduce_logs
@@ -84,7 +84,7 @@ def megatron_matrices(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_c
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel):
-        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
+        config, model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
         items = tokenized(tokenizer_dir, num_queries, num_constitutions)
         micro = [collate([item]) for item in items]
         if trim:
@@ -110,7 +110,7 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
 
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     with megatron_runtime(parallel) as info:
-        config, model = convert.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH, recompute)
+        config, model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH, recompute)
         model.train()
         items = tokenized(tokenizer_dir, num_queries, num_constitutions)
         per_rank = num_queries // info.data_parallel_size

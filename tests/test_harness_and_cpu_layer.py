@@ -99,3 +99,24 @@ def test_megatron_imports_without_dynamo_or_inductor_on_cpu_and_freezes_objects_
         pytest.skip("the deferral applies only without CUDA")
     result = subprocess.run([sys.executable, "-c", _IMPORT_PROBE], capture_output=True, text=True, check=True)
     assert result.stdout.split("\n")[-2] == "[] False torch True"
+
+
+def test_the_backend_reaches_every_rank_and_gloo_ranks_see_no_gpu():
+    assert run_distributed(jobs.backend_variables, 2, backend="gloo") == [
+        {"SAMI_DIST_BACKEND": "gloo", "CUDA_VISIBLE_DEVICES": ""}] * 2
+    with pytest.raises(ValueError, match="backend must be one of nccl, gloo"):
+        run_distributed(jobs.backend_variables, 1, backend="mpi")
+
+
+def test_results_keep_their_containers_and_come_back_on_the_cpu():
+    (result,) = run_distributed(jobs.tensors_in_containers, 1)
+    assert type(result["pair"]).__name__ == "Pair" and result["plain"] == "text"
+    assert result["pair"].first.tolist() == [1.0, 1.0] and result["pair"].second[1] == 3
+    assert result["pair"].first.device.type == "cpu"
+
+
+def test_gloo_runs_on_the_cpu_where_a_gpu_is_visible():
+    (report,) = run_distributed(jobs.gloo_on_a_machine_that_shows_a_gpu, 1)
+    assert "already used CUDA" in report.pop("refused")
+    assert report == {"device": "cpu", "backend": "gloo", "layer": True, "cuda_visible": False,
+                      "tensor_device": "cpu", "dist_backend": "gloo"}

@@ -20,8 +20,8 @@ def tiny(tmp_path_factory):
 
 
 def iterate_command(tiny: Path, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_sami.cli.iterate", f"run_dir={run_dir}", f"base.hf={tiny / 'hf'}",
-            *iterate_jobs.overrides(tiny), *overrides]
+    return [sys.executable, "-m", "megatron_sami.cli.iterate", "--config-name", f"recipe/{iterate_jobs.RECIPE}",
+            f"run_dir={run_dir}", f"base.hf={tiny / 'hf'}", *iterate_jobs.overrides(tiny), *overrides]
 
 
 def run(command, timeout=900):
@@ -71,6 +71,22 @@ def test_rerunning_a_finished_run_does_no_work(tiny, finished_run):
     assert result.stderr.count("already complete") == 13
     assert "runtime:" not in result.stderr  # no conversion, training or export was launched
     assert (finished_run / "state.json").read_text() == before
+
+
+@pytest.mark.parametrize("changed", ["train.optimizer.lr=2e-3", "train.steps=3", "generation.max_new_tokens=13"])
+def test_rerunning_with_changed_settings_is_refused_and_names_them(tiny, finished_run, changed):
+    before = (finished_run / "config.yaml").read_text()
+    result = subprocess.run(iterate_command(tiny, finished_run, changed), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds a run with a different configuration" in result.stderr
+    assert f"changed: {changed.split('=')[0]})" in result.stderr
+    assert (finished_run / "config.yaml").read_text() == before
+
+
+def test_restating_a_recipe_value_is_no_change(tiny, finished_run):
+    """tiny-llama's lr is 1e-3: the same value on the command line resolves to the same config."""
+    result = run(iterate_command(tiny, finished_run, "train.optimizer.lr=1e-3"))
+    assert result.stderr.count("already complete") == 13
 
 
 def wait_for(path_glob: Path, process, timeout=600):

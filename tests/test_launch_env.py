@@ -3,7 +3,7 @@
 import pytest
 
 from megatron_sami.errors import EnvironmentSetupError
-from megatron_sami.runtime.distributed import launch_env_from, parse_slurm_nodelist
+from megatron_sami.runtime.distributed import choose_backend, launch_env_from, parse_slurm_nodelist
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,20 @@ def test_torchrun_wins_over_slurm_and_needs_master_address():
 def test_non_integer_rank_is_a_clear_error():
     with pytest.raises(EnvironmentSetupError, match="RANK='x'"):
         launch_env_from({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+
+
+def test_backend_from_argument_then_variable_then_hardware():
+    torch = pytest.importorskip("torch")
+    assert choose_backend("gloo", {"SAMI_DIST_BACKEND": "nccl"}) == "gloo"
+    assert choose_backend(None, {"SAMI_DIST_BACKEND": "gloo"}) == "gloo"
+    assert choose_backend(None, {}) == ("nccl" if torch.cuda.is_available() else "gloo")
+    with pytest.raises(EnvironmentSetupError, match="unknown torch.distributed backend 'mpi'"):
+        choose_backend(None, {"SAMI_DIST_BACKEND": "mpi"})
+
+
+def test_nccl_without_a_gpu_names_the_cpu_backend():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: NCCL is allowed here")
+    with pytest.raises(EnvironmentSetupError, match="backend 'gloo'"):
+        choose_backend("nccl", {})

@@ -23,20 +23,38 @@ def dry_run(template: str, nodes: int, **env) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=clean | {"SAMI_DRY_RUN": "1", "SAMI_NODES": str(nodes), **env})
 
 
-@pytest.mark.parametrize("template, nodes, layout", [
-    ("sami_70b.sh", 4, "TP 8 x PP 4 x CP 1 x DP 1"),
-    ("sami_70b.sh", 8, "TP 8 x PP 4 x CP 1 x DP 2"),
-    ("sami_mixtral.sh", 4, "TP 1 x PP 4 x CP 1 x DP 8; EP 8"),
-    ("sami_mixtral.sh", 8, "TP 1 x PP 4 x CP 1 x DP 16; EP 8"),
-    ("sami_mistral7b.sh", 1, "TP 4 x PP 1 x CP 1 x DP 2"),
-    ("sami_mistral7b.sh", 2, "TP 4 x PP 1 x CP 1 x DP 4"),
+@pytest.mark.parametrize("template, nodes, layout, recipe", [
+    ("sami_70b.sh", 4, "TP 8 x PP 4 x CP 1 x DP 1", "llama3-70b"),
+    ("sami_70b.sh", 8, "TP 8 x PP 4 x CP 1 x DP 2", "llama3-70b"),
+    ("sami_mixtral.sh", 4, "TP 1 x PP 4 x CP 1 x DP 8; EP 8", "mixtral-8x7b"),
+    ("sami_mixtral.sh", 8, "TP 1 x PP 4 x CP 1 x DP 16; EP 8", "mixtral-8x7b"),
+    ("sami_mistral7b.sh", 1, "TP 4 x PP 1 x CP 1 x DP 2", "mistral-7b"),
+    ("sami_mistral7b.sh", 2, "TP 4 x PP 1 x CP 1 x DP 4", "mistral-7b"),
 ])
-def test_dry_run_prints_the_layout_and_the_srun_commands(template, nodes, layout, fake_hf):
+def test_dry_run_prints_the_layout_and_the_srun_commands(template, nodes, layout, recipe, fake_hf):
     result = dry_run(template, nodes, SAMI_BASE_HF=str(fake_hf))
     assert result.returncode == 0, result.stderr
     assert f"layout: world {nodes * 8} = {layout}" in result.stdout
     assert f"srun --nodes={nodes} --ntasks-per-node=8 --kill-on-bad-exit=1" in result.stdout
     assert "megatron_sami.cli.iterate" in result.stdout and f"base.hf={fake_hf}" in result.stdout
+    # the template names its recipe; the training settings come from the recipe, not from the template
+    assert f"recipe: {recipe} (" in result.stdout
+    assert f"megatron_sami.cli.iterate --config-name recipe/{recipe} run_dir=" in result.stdout
+    assert "train.optimizer" not in result.stdout and "train.precision" not in result.stdout
+
+
+def test_the_tiny_template_runs_its_cpu_recipe_in_the_dtype_it_checked(fake_hf):
+    result = dry_run("sami_tiny.sh", 2, SAMI_BASE_HF=str(fake_hf), SAMI_ITERATE_ARGS="iterations=1 queries.limit=9")
+    assert result.returncode == 0, result.stderr
+    assert "layout: world 2 = TP 1 x PP 1 x CP 1 x DP 2" in result.stdout and "precision: fp32" in result.stdout
+    assert "--config-name recipe/tiny-llama " in result.stdout
+    assert result.stdout.rstrip().endswith("train.precision.params_dtype=fp32 iterations=1 queries.limit=9")
+
+
+def test_an_unknown_recipe_is_one_sentence_naming_the_recipes(fake_hf):
+    result = dry_run("sami_70b.sh", 4, SAMI_BASE_HF=str(fake_hf), SAMI_RECIPE="llama3-700b")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no recipe" in result.stderr and "llama3-70b mistral-7b mixtral-8x7b tiny-llama" in result.stderr
 
 
 @pytest.mark.parametrize("template, nodes, message", [

@@ -1,3 +1,3 @@
-"""The alignment stage: SAMI's objective and batching (pure tensors), its megatron-core forward
+"""The alignment stage: SAMI's objective and batching (pure tensors), its Megatron-Core forward
 step, and the ``sami-train`` loop.
 """

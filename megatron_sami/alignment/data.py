@@ -1,5 +1,9 @@
 """SAMI training records and their tokenisation into C x C (prompt, response) pairs. Pure code.
 
+The layout follows Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information:
+Learning to Follow Principles without Preference Labels", arXiv:2404.14313: every response of a
+query is scored under every constitution of that query, response tokens only.
+
 A record is one JSONL line: ``{"id", "query", "constitutions": [C strings], "responses":
 [C strings], ...free metadata}`` where response ``j`` was generated under constitution ``j``.
 Each record becomes C*C sequences, row-major: sequence ``k*C + j`` is constitution ``k``'s
@@ -18,18 +22,19 @@ from pathlib import Path
 
 import torch
 
-from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.errors import ConfigError, DataError, OverlengthError
 
 IGNORE = -100
 
 
-class DataError(SamiError):
-    """A records file or record is unusable; the message names the line."""
-
-
 @dataclass
 class PromptTemplate:
-    """A base-model prompt with ``{constitution}`` and ``{query}`` placeholders."""
+    """A base-model prompt with ``{constitution}`` and ``{query}`` placeholders; ``response_prefix``
+    goes before each response's text (e.g. the space after ``Assistant:``).
+
+    Raises:
+        ConfigError: ``prompt`` lacks a placeholder.
+    """
 
     name: str = "dialogue"
     prompt: str = "Constitution:\n{constitution}\n\nHuman: {query}\n\nAssistant:"
@@ -41,11 +46,14 @@ class PromptTemplate:
                 raise ConfigError(f"template '{self.name}' lacks the {placeholder} placeholder; add it to the prompt.")
 
     def render(self, constitution: str, query: str) -> str:
+        """The prompt with both placeholders filled."""
         return self.prompt.replace("{constitution}", constitution).replace("{query}", query)
 
 
 @dataclass
 class SamiRecord:
+    """One query, its C constitutions and the C responses (response j written under constitution j)."""
+
     id: str
     query: str
     constitutions: list[str]
@@ -54,10 +62,18 @@ class SamiRecord:
 
     @property
     def num_constitutions(self) -> int:
+        """C."""
         return len(self.constitutions)
 
 
 def parse_record(line: str, where: str) -> SamiRecord:
+    """One JSONL line as a record; ``where`` (e.g. ``file:line``) names it in errors and is its
+    id when the line has none.
+
+    Raises:
+        DataError: not a JSON object, a missing key, C < 2, C constitutions but not C responses,
+            or an empty response or constitution.
+    """
     try:
         raw = json.loads(line)
     except json.JSONDecodeError as err:
@@ -85,7 +101,12 @@ def parse_record(line: str, where: str) -> SamiRecord:
 
 
 def read_records(path: str | Path) -> list[SamiRecord]:
-    """All records of a JSONL file; every record must have the same C."""
+    """All records of a JSONL file; every record must have the same C.
+
+    Raises:
+        DataError: the file is missing or empty, a line is not a valid record
+            (:func:`parse_record`), or two records differ in C.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"records file {path} does not exist; check data.records_path.")
@@ -105,13 +126,22 @@ def read_records(path: str | Path) -> list[SamiRecord]:
     return records
 
 
-class OverlengthError(DataError):
-    pass
-
-
 def tokenize_record(record: SamiRecord, tokenizer, template: PromptTemplate, seq_length: int,
                     append_eos: bool = False) -> dict[str, torch.Tensor]:
-    """The C*C sequences of one record: tokens, labels (next token) and response loss mask."""
+    """The C*C sequences of one record: tokens, labels (next token) and response loss mask.
+
+    Row ``k*C + j`` is constitution ``k``'s rendered prompt followed by ``response_prefix`` +
+    response ``j`` (and EOS with ``append_eos``), right-padded to ``seq_length``.
+
+    Returns:
+        ``{"tokens", "labels", "loss_mask"}``, each [C*C, seq_length]: int64 ids, int64 next
+        tokens (0 where nothing is predicted), float32 1.0 on the positions that predict a
+        response token.
+
+    Raises:
+        ConfigError: ``append_eos`` with a tokenizer that has no EOS token.
+        OverlengthError: a sequence is longer than ``seq_length`` (never cut).
+    """
     C = record.num_constitutions
     responses = [tokenizer(template.response_prefix + text, add_special_tokens=False)["input_ids"]
                  for text in record.responses]
@@ -141,7 +171,13 @@ def tokenize_record(record: SamiRecord, tokenizer, template: PromptTemplate, seq
 
 def tokenize_records(records: list[SamiRecord], tokenizer, template: PromptTemplate, seq_length: int,
                      append_eos: bool = False, on_overlength: str = "error") -> tuple[list[dict], int]:
-    """Tokenise every record; returns (tokenised records, number dropped for length)."""
+    """Tokenise every record (:func:`tokenize_record`); returns (tokenised records, number
+    dropped for length: ``on_overlength="drop"``).
+
+    Raises:
+        ConfigError: an unknown ``on_overlength``, or as :func:`tokenize_record`.
+        OverlengthError: a record is too long and ``on_overlength="error"``.
+    """
     if on_overlength not in ("error", "drop"):
         raise ConfigError(f"data.on_overlength '{on_overlength}' is unknown; use error or drop.")
     tokenized, dropped = [], 0
@@ -156,7 +192,8 @@ def tokenize_records(records: list[SamiRecord], tokenizer, template: PromptTempl
 
 
 def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
-    """Tokens each sequence really uses: the response, which the mask marks, ends it."""
+    """[N] tokens each of the [N, T] sequences really uses (in ``mask_NT``'s dtype): the
+    response, which the mask marks, ends it."""
     positions = torch.arange(1, mask_NT.shape[1] + 1, dtype=mask_NT.dtype)
     return (mask_NT * positions).amax(dim=1)
 
@@ -173,5 +210,5 @@ def microbatch_lengths(needed: list[int], multiple: int, each: bool, limit: int 
 
 
 def collate(tokenized: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack whole C x C blocks of several queries into one microbatch."""
+    """Stack whole C x C blocks of several queries into one microbatch ([queries * C * C, T] each)."""
     return {key: torch.cat([item[key] for item in tokenized]) for key in tokenized[0]}

@@ -1,5 +1,9 @@
 """The SAMI objective as pure tensor code (no Megatron imports).
 
+Source: Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information: Learning to
+Follow Principles without Preference Labels", arXiv:2404.14313 (the paper below): its InfoNCE
+objective over constitutions and self-generated responses, and the MI estimate it reports.
+
 Shapes: ``B`` queries, ``C`` constitutions, ``T`` tokens. ``logp_BCC[b, k, j]`` is the
 log-probability of response ``j`` (sampled under constitution ``j``) given constitution ``k``'s
 prompt, for query ``b``: rows are constitutions, columns are responses.
@@ -9,7 +13,9 @@ Loss (two-sided InfoNCE at temperature 1, no cross-query negatives):
 - column term: for each response j, a softmax over the constitutions k of column j, target k = j;
 - loss = row_weight * CE_row + col_weight * CE_col, averaged over queries (default 1/2 each).
 The InfoNCE lower bound on I(Y; C | x) is log C - loss per query, in nats (with the default
-equal weights, where it is a bound).
+equal weights, where it is a bound). The paper's public code scores a response by its mean
+per-token log-probability (``logprob_reduction="mean"``, the default); the summed log-probability
+(``"sum"``) is the optimal InfoNCE critic.
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ REDUCTIONS = ("mean", "sum")
 
 @dataclass
 class SamiLossConfig:
-    """Weights of the two InfoNCE terms, the per-sequence reduction, and an optional KL term."""
+    """Weights of the two InfoNCE terms, the per-sequence reduction, and an optional KL term.
+
+    Raises:
+        ConfigError: an unknown ``logprob_reduction``, a negative weight, both weights 0, or a
+            negative ``kl_beta``.
+    """
 
     row_weight: float = 0.5
     col_weight: float = 0.5
@@ -44,7 +55,16 @@ class SamiLossConfig:
 
 
 def sequence_logprobs(token_logp_NT: torch.Tensor, mask_NT: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-sequence log-probability of the masked (response) tokens: sum or per-token mean."""
+    """Per-sequence log-probability of the masked (response) tokens, in nats.
+
+    Args:
+        token_logp_NT: [N, T] log-probability of each token.
+        mask_NT: [N, T], 1 on the tokens to score (the response), 0 elsewhere.
+        reduction: ``"sum"``, or ``"mean"`` per scored token (a sequence with none gives 0).
+
+    Returns:
+        [N], in ``token_logp_NT``'s dtype.
+    """
     mask_NT = mask_NT.to(token_logp_NT.dtype)
     total_N = (token_logp_NT * mask_NT).sum(dim=-1)
     if reduction == "sum":
@@ -54,6 +74,15 @@ def sequence_logprobs(token_logp_NT: torch.Tensor, mask_NT: torch.Tensor, reduct
 
 @dataclass
 class SamiOutput:
+    """What :func:`sami_loss` returns: 0-dim float32 tensors, averaged over the batch's queries.
+
+    ``loss`` (differentiable) is the weighted two-sided InfoNCE loss plus ``kl_beta * kl``;
+    ``loss_row``/``loss_col`` its two cross-entropies (nats); ``acc_row``/``acc_col`` the share
+    of rows/columns whose largest entry is the diagonal; ``diag_margin`` the mean diagonal entry
+    minus the mean off-diagonal entry (nats); ``mi_bound_nats`` log C - (loss_row + loss_col) / 2,
+    capped at log C; ``kl`` the KL-to-reference estimate (0 when off).
+    """
+
     loss: torch.Tensor
     loss_row: torch.Tensor
     loss_col: torch.Tensor
@@ -73,7 +102,28 @@ def sami_loss(
     config: SamiLossConfig | None = None,
     ref_logp_BCC: torch.Tensor | None = None,
 ) -> SamiOutput:
-    """The SAMI loss and its metrics for a batch of C x C log-probability matrices."""
+    """The SAMI loss and its metrics for a batch of C x C log-probability matrices.
+
+    Implements the paper's two-sided InfoNCE objective (Fränken et al. 2024, arXiv:2404.14313):
+    a cross-entropy over each row (which response was written under constitution k?) and over
+    each column (under which constitution was response j written?), target the diagonal,
+    temperature 1, no negatives from other queries; loss = row_weight * CE_row + col_weight *
+    CE_col (+ kl_beta * KL).
+
+    Args:
+        logp_BCC: [B, C, C] log p(response j | constitution k, query b) at [b, k, j], in nats
+            (any float dtype; computed in float32), C >= 2.
+        config: weights and KL (default :class:`SamiLossConfig`).
+        ref_logp_BCC: [B, C, C] the reference model's log-probabilities; needed only when
+            ``config.kl_beta > 0``.
+
+    Returns:
+        :class:`SamiOutput`.
+
+    Raises:
+        ValueError: ``logp_BCC`` is not [B, C, C] with C >= 2, or ``kl_beta > 0`` without
+            ``ref_logp_BCC``.
+    """
     config = config or SamiLossConfig()
     if logp_BCC.dim() != 3 or logp_BCC.shape[1] != logp_BCC.shape[2] or logp_BCC.shape[1] < 2:
         raise ValueError(f"logp_BCC must have shape [B, C, C] with C >= 2, got {tuple(logp_BCC.shape)}")
@@ -106,9 +156,18 @@ def sami_loss(
 
 
 def paper_mi_estimate(logp_BCC: torch.Tensor) -> torch.Tensor:
-    """The paper's reported (uncapped) estimator, per query, from SUMMED log-probs.
+    """The MI estimate the paper reports (Fränken et al. 2024, arXiv:2404.14313), per query.
 
-    MI = (1/C) sum_j [ S[j, j] - (1/C) sum_k S[k, j] ].
+    MI = (1/C) sum_j [ S[j, j] - (1/C) sum_k S[k, j] ]: each response's log-probability under its
+    own constitution minus its mean over all C constitutions, averaged over responses. Uncapped
+    (unlike the InfoNCE bound); the paper computes it from SUMMED log-probs of one greedy
+    response per constitution, C = 4 (two principles, every sign pattern).
+
+    Args:
+        logp_BCC: [B, C, C] S[k, j] = log p(response j | constitution k) per query, in nats.
+
+    Returns:
+        [B], in nats.
     """
     diagonal_BC = logp_BCC.diagonal(dim1=1, dim2=2)
     column_mean_BC = logp_BCC.mean(dim=1)

@@ -84,7 +84,8 @@ def _padded(rows: list[Row], micro: dict[str, torch.Tensor], length: int) -> dic
 
 
 def share_prompts(micro: dict[str, torch.Tensor], num_constitutions: int, length: int) -> dict[str, torch.Tensor]:
-    """The shared layout of a pair microbatch, its rows padded to ``length``."""
+    """The shared layout (module docstring) of a pair microbatch ([queries * C * C, T] tensors),
+    its [queries * C, length] rows padded to ``length``."""
     return _padded(_share_rows(micro, num_constitutions), micro, length)
 
 

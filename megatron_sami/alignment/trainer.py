@@ -1,7 +1,12 @@
 """The SAMI trainer: load a converted checkpoint, train a fixed number of steps, checkpoint, resume.
 
-Reads top to bottom: config -> runtime -> model, optimizer, data -> resume -> loop -> close.
-Run directory:
+SAMI (Fränken et al. 2024, arXiv:2404.14313) fine-tunes the base model for a few optimizer steps
+on the C x C log-probability matrices of its own responses; the step is
+:mod:`megatron_sami.alignment.step`, the loss :mod:`megatron_sami.alignment.objective`.
+
+Reads top to bottom: :func:`train` = runtime -> :func:`setup` (data, model, optimizer, resume)
+-> a loop of :func:`run_step` (batch, learning rate, step, metrics row), checkpoint and signal
+agreement -> close. Run directory:
 
     config.yaml          the resolved config of every start
     metrics.jsonl        one JSON object per optimizer step
@@ -13,15 +18,14 @@ Run directory:
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -38,38 +42,50 @@ from megatron_sami.alignment.objective import SamiLossConfig
 from megatron_sami.alignment.schedule import LRSchedule
 from megatron_sami.alignment.shared_prompt import PAD_SEGMENT, share_microbatches
 from megatron_sami.alignment.step import sami_forward_step
-from megatron_sami.conversion import convert
 from megatron_sami.errors import ConfigError, Preempted
+from megatron_sami.io import append_jsonl, atomic_write_text, rewrite_jsonl
 from megatron_sami.models.build import applies_attention_masks
 from megatron_sami.models.checkpoint import save_weights, staged_output
-from megatron_sami.models.config import PrecisionConfig
-from megatron_sami.runtime.distributed import collective_device, logger, megatron_runtime
+from megatron_sami.models.checkpoint_dir import (
+    load_checkpoint_model,
+    read_checkpoint_model,
+    write_checkpoint_description,
+)
+from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.runtime.distributed import RuntimeInfo, collective_device, logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.training.checkpointing import (
+    load_model_and_optimizer,
+    rng_state,
+    save_optimizer,
+    set_rng_state,
+)
 from megatron_sami.training.engine import (
     OptimizerSettings,
+    StepResult,
+    any_rank,
     build_optimizer,
-    materialize_optimizer_state,
+    data_parallel_rank,
     optimizer_step_count,
     peak_tflops,
     set_optimizer_step_count,
+    sum_over_data_parallel,
     train_step,
     wrap_ddp,
 )
 
-# Optimizer state as the distributed optimizer holds it: a resumed run keeps TP/PP (DP may change).
-# ("fully_reshardable" would allow any layout, but megatron-core 0.19 fails to load it with torch
-# Adam: the per-parameter "step" tensor is skipped on load and then looked up.)
-OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
 METRIC_KEYS = ("loss", "loss_row", "loss_col", "acc_row", "acc_col", "mi_bound_nats", "diag_margin")
 
 
 @dataclass
 class DataConfig:
+    """Where the records come from and how they become token sequences (``data.*``)."""
+
     records: str = "???"
     tokenizer: str | None = None  # default: the checkpoint's hf/ directory
     seq_length: int = 512
     append_eos: bool = False
-    on_overlength: str = "error"
+    on_overlength: str = "error"  # error | skip: a record longer than seq_length (tokens)
     # Each constitution's prompt is processed once per query instead of once per response
     # (sami/shared_prompt.py): same log-probabilities, fewer tokens. Needs an attention that
     # applies block masks (the local SDPA spec); with Transformer Engine's the pairs are used.
@@ -78,6 +94,13 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """A ``sami-train`` run (configs/train.yaml); sizes count queries, each of C x C sequences.
+
+    Raises:
+        ConfigError: ``steps`` or a batch size is below 1, or the learning-rate schedule does not
+            fit the peak ``optimizer.lr``.
+    """
+
     checkpoint: str = "???"
     run_dir: str = "???"
     steps: int = 4
@@ -102,6 +125,12 @@ class TrainConfig:
         self.lr_schedule.check_peak(self.optimizer.lr)
 
     def microbatches_per_rank(self, data_parallel_size: int) -> int:
+        """Microbatches each data-parallel rank runs per optimizer step.
+
+        Raises:
+            ConfigError: ``queries_per_step`` does not split into ``data_parallel_size`` ranks x
+                whole microbatches of ``queries_per_microbatch``.
+        """
         per_rank, rest = divmod(self.queries_per_step, data_parallel_size)
         if rest or per_rank % self.queries_per_microbatch:
             raise ConfigError(
@@ -139,50 +168,32 @@ def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple
     return trimmed, max(lengths)
 
 
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-
-
 def save_training_checkpoint(run_dir: Path, step: int, ddp_model, optimizer, source_ckpt: Path, position: int) -> Path:
-    """Model + optimizer + trainer state, all staged and renamed; then the ``latest`` pointer."""
-    from megatron.core import dist_checkpointing
-
+    """Model + optimizer + trainer state, all staged and renamed; then the ``latest`` pointer
+    (collective). Returns ``run_dir/checkpoints/step_N``, a checkpoint directory that exports
+    like a converted one (its description copied from ``source_ckpt``)."""
     checkpoints = run_dir / "checkpoints"
     final = checkpoints / f"step_{step:06d}"
     rank = dist.get_rank()
     with staged_output(final) as staging:
         if rank == 0:
-            convert.write_checkpoint_description(source_ckpt, staging)
+            write_checkpoint_description(source_ckpt, staging)
             for sub in ("optimizer", "trainer_state"):
                 (staging / sub).mkdir()
         save_weights(ddp_model, staging / "weights")
-        model = ddp_model.module
-        dist_checkpointing.save(optimizer.sharded_state_dict(model.sharded_state_dict(), metadata=OPTIMIZER_FORMAT),
-                                str(staging / "optimizer"))
-        torch.save({"step": step, "position": position, "rng": _rng_state(),
+        save_optimizer(ddp_model, optimizer, staging / "optimizer")
+        torch.save({"step": step, "position": position, "rng": rng_state(),
                     "optimizer_steps": optimizer_step_count(optimizer)},
                    staging / "trainer_state" / f"rank{rank:05d}.pt")
     if rank == 0:
-        pointer = checkpoints / "latest.tmp"
-        pointer.write_text(final.name + "\n")
-        pointer.rename(checkpoints / "latest")
+        atomic_write_text(checkpoints / "latest", final.name + "\n")
     dist.barrier()
     return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint ``run_dir/checkpoints/latest`` names, or None (a fresh run, or a pointer to
+    a directory that is gone)."""
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
@@ -191,23 +202,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_training_state(path: Path, ddp_model, optimizer) -> dict:
-    from megatron.core import dist_checkpointing
+    """Fill model, optimizer and this rank's RNGs from a training checkpoint (collective); returns
+    the trainer state (``step``, ``position``, ``rng``, ``optimizer_steps``).
 
-    from megatron_sami.models.checkpoint import load_model
-
-    load_model(ddp_model, path / "weights")
-    # The optimizer was built from the initial weights: its fp32 main copies must follow the load.
-    optimizer.reload_model_params()
-    model = ddp_model.module
-    materialize_optimizer_state(optimizer)
-    state = dist_checkpointing.load(
-        optimizer.sharded_state_dict(model.sharded_state_dict(), is_loading=True, metadata=OPTIMIZER_FORMAT),
-        str(path / "optimizer"))
-    with torch.no_grad():  # megatron-core copies into the (grad-requiring) main params in place
-        optimizer.load_state_dict(state)
+    Raises:
+        CheckpointError: the checkpoint's weights do not fit the model.
+    """
+    load_model_and_optimizer(ddp_model, optimizer, path / "weights", path / "optimizer")
     trainer_state = torch.load(path / "trainer_state" / f"rank{dist.get_rank():05d}.pt", weights_only=False)
     set_optimizer_step_count(optimizer, trainer_state["optimizer_steps"])
-    _set_rng_state(trainer_state["rng"])
+    set_rng_state(trainer_state["rng"])
     return trainer_state
 
 
@@ -218,16 +222,13 @@ def used_tokens(micro: dict[str, torch.Tensor]) -> int:
     return int(used_lengths(micro["loss_mask"]).sum())
 
 
-def step_token_counts(micro: list[dict[str, torch.Tensor]], data_parallel_size: int) -> tuple[float, float]:
+def step_token_counts(micro: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
     """(used, processed) tokens of the global batch, summed over data-parallel ranks: what the
-    model's inputs hold without and with padding."""
-    from megatron.core import parallel_state
-
+    model's inputs hold without and with padding (collective)."""
     counts = torch.tensor([float(sum(used_tokens(m) for m in micro)),
                            float(sum(m["tokens"].numel() for m in micro))], dtype=torch.float64,
                           device=collective_device())
-    if data_parallel_size > 1:
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    sum_over_data_parallel(counts)
     return float(counts[0]), float(counts[1])
 
 
@@ -241,8 +242,7 @@ class MetricsWriter:
         if not enabled:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            rewrite_jsonl(self.path, lambda row: row["step"] <= resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -251,10 +251,10 @@ class MetricsWriter:
             logger.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
 
     def write(self, row: dict) -> None:
+        """Append one step's row (rank 0 only; other ranks' writers are disabled)."""
         if not self.enabled:
             return
-        with self.path.open("a") as out:
-            out.write(json.dumps(row) + "\n")
+        append_jsonl(self.path, row)
         if self.board is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):
@@ -262,18 +262,21 @@ class MetricsWriter:
             self.board.flush()
 
     def close(self) -> None:
+        """Flush and close TensorBoard's event file."""
         if self.board is not None:
             self.board.close()
 
 
 class StopRequest:
     """Set by SIGUSR1 (Slurm's time-limit warning, ``--signal``) or SIGTERM (preemption, scancel);
-    every rank stops after the same step, once the flag has been agreed over all ranks."""
+    every rank stops after the same step, once the flag has been agreed over all ranks. Each run
+    owns one (:attr:`TrainRun.stop`)."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def install(self) -> None:
+        """Route SIGUSR1 and SIGTERM of this process to this request."""
         for number in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(number, self._handle)
 
@@ -282,110 +285,201 @@ class StopRequest:
         logger.warning("received %s: checkpointing after this step", signal.Signals(number).name)
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=collective_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """Whether any rank has been asked to stop (collective over all ranks)."""
+        return any_rank(self.requested)
 
 
-stop_requested = StopRequest()
+@dataclass
+class TrainRun:
+    """What a run holds from :func:`setup` to the end of the loop; :func:`run_step` advances it."""
+
+    cfg: TrainConfig
+    info: RuntimeInfo
+    model_config: ModelConfig
+    tokenized: list[dict[str, torch.Tensor]]
+    num_constitutions: int
+    ddp_model: torch.nn.Module
+    optimizer: Any
+    forward_step: Callable
+    metrics: MetricsWriter
+    stop: StopRequest
+    num_microbatches: int  # per data-parallel rank and step
+    data_parallel_rank: int
+    share_prompts: bool
+    multiple: int  # trimmed lengths are rounded up to this
+    peak_tflops: float | None  # the GPU's dense peak, for MFU
+    step: int = 0  # optimizer steps done
+    position: int = 0  # queries consumed from the endless seeded order
+    last_saved: Path | None = None
+    started_s: float = field(default_factory=time.perf_counter)
+    first_step: int = 1  # the first step this process runs (for the ETA)
+
+    @property
+    def run_dir(self) -> Path:
+        """The run directory (config, metrics, checkpoints)."""
+        return Path(self.cfg.run_dir)
+
+
+def read_training_data(cfg: TrainConfig) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The records of ``cfg.data.records``, tokenized, and C (constitutions per query).
+
+    Raises:
+        DataError: the file is unreadable or malformed, or fewer records than one global batch
+            (``queries_per_step``) exist or fit in ``data.seq_length``.
+    """
+    from transformers import AutoTokenizer
+
+    records = read_records(cfg.data.records)
+    if len(records) < cfg.queries_per_step:
+        raise DataError(f"{cfg.data.records} holds {len(records)} queries, fewer than one global batch "
+                        f"(queries_per_step={cfg.queries_per_step}); add data or lower queries_per_step.")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or str(Path(cfg.checkpoint) / "hf"))
+    tokenized, dropped = tokenize_records(records, tokenizer, cfg.template, cfg.data.seq_length,
+                                          cfg.data.append_eos, cfg.data.on_overlength)
+    if dropped:
+        logger.warning("dropped %d of %d records longer than seq_length=%d", dropped, len(records),
+                       cfg.data.seq_length)
+    if len(tokenized) < cfg.queries_per_step:
+        raise DataError(f"only {len(tokenized)} of {len(records)} records fit in data.seq_length="
+                        f"{cfg.data.seq_length}, fewer than one global batch (queries_per_step="
+                        f"{cfg.queries_per_step}); raise data.seq_length or shorten the responses.")
+    return tokenized, records[0].num_constitutions
+
+
+def _shares_prompts(cfg: TrainConfig, model: torch.nn.Module) -> bool:
+    share_prompts = cfg.data.share_prompts and applies_attention_masks(model)
+    if cfg.data.share_prompts and not share_prompts:
+        logger.warning("data.share_prompts: this model's attention (Transformer Engine) ignores block masks; "
+                       "training on the C x C (prompt, response) pairs instead.")
+    return share_prompts
+
+
+def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolved_yaml: str) -> TrainRun:
+    """Data, model, DDP, optimizer and (from ``run_dir/checkpoints/latest``) the resumed state
+    (collective). Installs the run's signal handlers.
+
+    Raises:
+        ConfigError: the batch sizes do not split over the data-parallel ranks.
+        DataError: too few usable records (see :func:`read_training_data`).
+        CheckpointError: the checkpoint's weights (or those resumed from) do not fit the model.
+    """
+    num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
+    tokenized, num_constitutions = read_training_data(cfg)
+    run_dir = Path(cfg.run_dir)
+    if info.is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", resolved_yaml)
+    _, model = load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
+                                     cfg.data.seq_length, cfg.recompute_activations)
+    ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
+    optimizer = build_optimizer(ddp_model, cfg.optimizer)
+    step, position = 0, 0
+    resume_from = latest_checkpoint(run_dir)
+    if resume_from is not None:
+        state = load_training_state(resume_from, ddp_model, optimizer)
+        step, position = state["step"], state["position"]
+        logger.info("resumed from %s at step %d", resume_from, step)
+    stop = StopRequest()
+    stop.install()
+    peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
+    return TrainRun(
+        cfg=cfg, info=info, model_config=model_config, tokenized=tokenized, num_constitutions=num_constitutions,
+        ddp_model=ddp_model, optimizer=optimizer,
+        forward_step=sami_forward_step(num_constitutions, cfg.loss, model_config.vocab_size),
+        metrics=MetricsWriter(run_dir, step, info.is_rank0), stop=stop, num_microbatches=num_microbatches,
+        data_parallel_rank=data_parallel_rank(), share_prompts=_shares_prompts(cfg, model),
+        # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
+        multiple=math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor),
+        peak_tflops=peak, step=step, position=position, last_saved=resume_from, first_step=step + 1)
+
+
+def next_microbatches(run: TrainRun) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """This rank's microbatches of the global batch at ``run.position`` (shared prompts, or pairs
+    trimmed of unused padding) and their sequence length (tokens)."""
+    cfg = run.cfg
+    per_rank = cfg.queries_per_step // run.info.data_parallel_size
+    global_batch = query_order(len(run.tokenized), run.position, cfg.queries_per_step, cfg.seed)
+    first = run.data_parallel_rank * per_rank
+    mine = [run.tokenized[i] for i in global_batch[first:first + per_rank]]
+    size = cfg.queries_per_microbatch
+    micro = [collate(mine[i * size:(i + 1) * size]) for i in range(run.num_microbatches)]
+    each = cfg.parallel.pipeline == 1  # without pipeline stages, each microbatch has its own length
+    if run.share_prompts:
+        return share_microbatches(micro, run.num_constitutions, run.multiple, each=each)
+    return trim_padding(micro, cfg.data.seq_length, run.multiple, each=each)
+
+
+def metrics_row(run: TrainRun, result: StepResult, lr: float, micro: list[dict[str, torch.Tensor]], length: int,
+                data_s: float, step_time_s: float) -> dict:
+    """The step's row of metrics.jsonl (collective: token counts are summed over data-parallel ranks).
+
+    Throughput counts the tokens the sequences use; model FLOPs (hence TFLOP/s and MFU) count
+    what the step processed, padding included (what the GPUs compute), per process.
+    """
+    tokens, processed = step_token_counts(micro)
+    world_size = run.info.launch.world_size
+    flops = run.model_config.training_flops_per_token(length) * processed
+    tflops = flops / step_time_s / world_size / 1e12
+    return {"step": run.step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
+            "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time_s,
+            "tokens_per_s_per_gpu": tokens / step_time_s / world_size, "step_time_s": step_time_s,
+            "data_s": data_s, "forward_backward_s": result.forward_backward_s,
+            "optimizer_s": result.optimizer_s, "tflops_per_gpu": tflops,
+            "mfu": tflops / run.peak_tflops if run.peak_tflops else None, "world_size": world_size}
+
+
+def run_step(run: TrainRun) -> dict:
+    """One optimizer step of the run (collective); returns its metrics row."""
+    cfg = run.cfg
+    run.step += 1
+    data_start = time.perf_counter()
+    micro, length = next_microbatches(run)
+    run.position += cfg.queries_per_step
+    lr = cfg.lr_schedule.at(run.step, cfg.steps, cfg.optimizer.lr)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    step_start = time.perf_counter()
+    result = train_step(run.ddp_model, run.optimizer, run.forward_step, iter(micro), run.num_microbatches, length,
+                        micro[0]["tokens"].shape[0])
+    return metrics_row(run, result, lr, micro, length, data_s=step_start - data_start,
+                       step_time_s=time.perf_counter() - data_start)
+
+
+def log_progress(run: TrainRun, row: dict) -> None:
+    """One log line per step: the loss terms, learning rate, throughput, MFU and the ETA (s)."""
+    eta_s = (time.perf_counter() - run.started_s) / (run.step - run.first_step + 1) * (run.cfg.steps - run.step)
+    flops_unit = "TFLOP/s/GPU" if torch.cuda.is_available() else "TFLOP/s/process"
+    logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
+                "%.0f tokens/s  %.2f %s%s  ETA %.0f s", run.step, run.cfg.steps, row["loss"], row["acc_row"],
+                row["acc_col"], row["mi_bound_nats"], row["lr"], row["grad_norm"], row["tokens_per_s"],
+                row["tflops_per_gpu"], flops_unit, f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "", eta_s)
 
 
 def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
-    """Run (or resume) a SAMI training run; returns the final checkpoint directory (collective)."""
-    from transformers import AutoTokenizer
+    """Run (or resume) a SAMI training run; returns the final checkpoint directory (collective).
 
-    run_dir = Path(cfg.run_dir)
-    model_config, _ = convert.read_checkpoint_model(Path(cfg.checkpoint))
+    Raises:
+        ConfigError, LayoutError: the config or the layout does not fit the world or the model.
+        DataError: too few usable records.
+        ConversionError: ``cfg.checkpoint`` is not a checkpoint directory.
+        CheckpointError: its weights (or those of the checkpoint resumed from) do not fit the model.
+        Preempted: SIGUSR1/SIGTERM arrived; the run checkpointed and can resume.
+    """
+    model_config, _ = read_checkpoint_model(Path(cfg.checkpoint))
     with megatron_runtime(cfg.parallel, model=model_config, seed=cfg.seed, seq_length=cfg.data.seq_length) as info:
-        num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
-        records = read_records(cfg.data.records)
-        if len(records) < cfg.queries_per_step:
-            raise DataError(f"{cfg.data.records} holds {len(records)} queries, fewer than one global batch "
-                            f"(queries_per_step={cfg.queries_per_step}); add data or lower queries_per_step.")
-        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer or str(Path(cfg.checkpoint) / "hf"))
-        tokenized, dropped = tokenize_records(records, tokenizer, cfg.template, cfg.data.seq_length,
-                                              cfg.data.append_eos, cfg.data.on_overlength)
-        if dropped:
-            logger.warning("dropped %d of %d records longer than seq_length=%d", dropped, len(records),
-                           cfg.data.seq_length)
-        if len(tokenized) < cfg.queries_per_step:
-            raise DataError(f"only {len(tokenized)} of {len(records)} records fit in data.seq_length="
-                            f"{cfg.data.seq_length}, fewer than one global batch (queries_per_step="
-                            f"{cfg.queries_per_step}); raise data.seq_length or shorten the responses.")
-        num_constitutions = records[0].num_constitutions
-        if info.is_rank0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(resolved_yaml)
-        _, model = convert.load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
-                                                 cfg.data.seq_length, cfg.recompute_activations)
-        ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
-        optimizer = build_optimizer(ddp_model, cfg.optimizer)
-        step, position = 0, 0
-        resume_from = latest_checkpoint(run_dir)
-        if resume_from is not None:
-            state = load_training_state(resume_from, ddp_model, optimizer)
-            step, position = state["step"], state["position"]
-            logger.info("resumed from %s at step %d", resume_from, step)
-        metrics = MetricsWriter(run_dir, step, info.is_rank0)
-        forward_step = sami_forward_step(num_constitutions, cfg.loss, model_config.vocab_size)
-        share_prompts = cfg.data.share_prompts and applies_attention_masks(model)
-        if cfg.data.share_prompts and not share_prompts:
-            logger.warning("data.share_prompts: this model's attention (Transformer Engine) ignores block masks; "
-                           "training on the C x C (prompt, response) pairs instead.")
-        from megatron.core import parallel_state
-
-        dp_rank = parallel_state.get_data_parallel_rank()
-        per_rank = cfg.queries_per_step // info.data_parallel_size
-        stop_requested.install()
-        # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
-        multiple = math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor)
-        peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
-        flops_unit = "TFLOP/s/GPU" if torch.cuda.is_available() else "TFLOP/s/process"
-        start, first_step = time.perf_counter(), step + 1
-        last_saved = resume_from
-        while step < cfg.steps:
-            step += 1
-            data_start = time.perf_counter()
-            global_batch = query_order(len(tokenized), position, cfg.queries_per_step, cfg.seed)
-            position += cfg.queries_per_step
-            mine = [tokenized[i] for i in global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]]
-            micro = [collate(mine[i * cfg.queries_per_microbatch:(i + 1) * cfg.queries_per_microbatch])
-                     for i in range(num_microbatches)]
-            if share_prompts:
-                micro, length = share_microbatches(micro, num_constitutions, multiple, each=cfg.parallel.pipeline == 1)
-            else:
-                micro, length = trim_padding(micro, cfg.data.seq_length, multiple, each=cfg.parallel.pipeline == 1)
-            lr = cfg.lr_schedule.at(step, cfg.steps, cfg.optimizer.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_start = time.perf_counter()
-            result = train_step(ddp_model, optimizer, forward_step, iter(micro), num_microbatches, length,
-                                micro[0]["tokens"].shape[0])
-            step_time = time.perf_counter() - data_start
-            # tokens: what the sequences use; processed: with the step's padding (what the GPUs compute)
-            tokens, processed = step_token_counts(micro, info.data_parallel_size)
-            tflops = model_config.training_flops_per_token(length) * processed / step_time / info.launch.world_size / 1e12
-            row = {"step": step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
-                   "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time,
-                   "tokens_per_s_per_gpu": tokens / step_time / info.launch.world_size, "step_time_s": step_time,
-                   "data_s": step_start - data_start, "forward_backward_s": result.forward_backward_s,
-                   "optimizer_s": result.optimizer_s, "tflops_per_gpu": tflops,
-                   "mfu": tflops / peak if peak else None, "world_size": info.launch.world_size}
-            metrics.write(row)
-            elapsed = time.perf_counter() - start
-            eta = elapsed / (step - first_step + 1) * (cfg.steps - step)
-            logger.info("step %d/%d  loss %.4f  acc row/col %.2f/%.2f  MI bound %.3f nats  lr %.2e  grad-norm %.3f  "
-                        "%.0f tokens/s  %.2f %s%s  ETA %.0f s", step, cfg.steps, row["loss"], row["acc_row"],
-                        row["acc_col"], row["mi_bound_nats"], lr, row["grad_norm"], row["tokens_per_s"], tflops,
-                        flops_unit,
-                        f"  MFU {row['mfu']:.1%}" if row["mfu"] is not None else "", eta)
-            stop = stop_requested.agreed()
-            if step == cfg.steps or stop or (cfg.save_interval and step % cfg.save_interval == 0):
-                last_saved = save_training_checkpoint(run_dir, step, ddp_model, optimizer, Path(cfg.checkpoint),
-                                                      position)
-                logger.info("checkpoint %s", last_saved)
-            if stop and step < cfg.steps:
-                metrics.close()
-                raise Preempted(f"stopped by a signal after step {step}; checkpoint {last_saved}")
-        metrics.close()
-        return last_saved
+        run = setup(cfg, info, model_config, resolved_yaml)
+        try:
+            while run.step < cfg.steps:
+                row = run_step(run)
+                run.metrics.write(row)
+                log_progress(run, row)
+                stop = run.stop.agreed()
+                if run.step == cfg.steps or stop or (cfg.save_interval and run.step % cfg.save_interval == 0):
+                    run.last_saved = save_training_checkpoint(run.run_dir, run.step, run.ddp_model, run.optimizer,
+                                                              Path(cfg.checkpoint), run.position)
+                    logger.info("checkpoint %s", run.last_saved)
+                if stop and run.step < cfg.steps:
+                    raise Preempted(f"stopped by a signal after step {run.step}; checkpoint {run.last_saved}")
+        finally:
+            run.metrics.close()
+        return run.last_saved

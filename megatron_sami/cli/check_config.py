@@ -9,13 +9,27 @@ Needs neither a GPU nor torch.distributed.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from megatron_sami.cli.common import run_hydra_app
+from megatron_sami.cli.schemas import defaults_tree, register_schema
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.config import PrecisionConfig
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.typed_config import to_typed
 
 _GIB = 1024**3
+
+
+@dataclass
+class CheckConfig:
+    """What ``sami-check-config`` checks: a catalogue model on ``world_size`` ranks."""
+
+    model: dict = field(default_factory=dict)  # the catalogue entry (configs/model/<name>.yaml)
+    world_size: int = 8
+    seq_length: int = 4096  # tokens per sequence (checked against sequence and context parallelism)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
 
 def describe(cfg) -> str:
@@ -48,6 +62,7 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
+    register_schema("check_config_schema", defaults_tree(CheckConfig))
     run_hydra_app(_task, "check_config")
 
 

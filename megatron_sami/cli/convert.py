@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from megatron_sami.cli.common import EXIT_USER_ERROR, fail
+from megatron_sami.cli.common import EXIT_USER_ERROR, fail, run_main
 from megatron_sami.errors import SamiError
 
 
@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
 def _verify(args, parallel) -> int:
     import torch
 
-    from megatron_sami.conversion.convert import load_checkpoint_model
     from megatron_sami.conversion.verify import compare, greedy_tokens, hf_reference, megatron_logits
+    from megatron_sami.models.checkpoint_dir import load_checkpoint_model
 
     model, megatron_model = load_checkpoint_model(args.ckpt_dir, parallel, params_dtype="fp32",
                                                   seq_length=args.seq_length + args.new_tokens)
@@ -74,6 +74,7 @@ def _verify(args, parallel) -> int:
 
 
 def run(args) -> int:
+    """Start the runtime at the requested layout and run one command; returns the exit code."""
     from megatron_sami.conversion import convert
     from megatron_sami.runtime.distributed import megatron_runtime
     from megatron_sami.runtime.layout import ParallelConfig
@@ -92,30 +93,33 @@ def run(args) -> int:
 
 def check_before_start(args) -> None:
     """Checks that need no process group run first (file headers, paths): a bad input fails in
-    about two seconds instead of after megatron-core's import and the runtime's start. Under a
-    multi-process launch only the first process prints the message."""
+    about two seconds instead of after Megatron-Core's import and the runtime's start. Under a
+    multi-process launch only the first process prints the message.
+
+    Raises:
+        SystemExit: with code 2 when a check fails.
+    """
     from megatron_sami.conversion import convert
+    from megatron_sami.models.checkpoint_dir import check_output_path, read_checkpoint_model
 
     try:
         if args.command == "hf-to-megatron":
             convert.check_hf_source(args.hf_dir, args.out_dir, args.overwrite)
         elif args.command == "megatron-to-hf":
-            convert.check_output_path(args.out_dir, args.overwrite)
-            convert.read_checkpoint_model(args.ckpt_dir)
+            check_output_path(args.out_dir, args.overwrite)
+            read_checkpoint_model(args.ckpt_dir)
     except SamiError as err:
         if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
             fail(str(err))
         raise SystemExit(EXIT_USER_ERROR) from None
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
+    """The ``sami-convert`` entry point; returns the exit code (2: a user error, one line)."""
     args = _parser().parse_args(argv)
     check_before_start(args)
-    try:
-        return run(args)
-    except SamiError as err:
-        fail(str(err))
-    return 2
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,7 @@ import signal
 import sys
 import threading
 
-from megatron_sami.cli.common import fail
-from megatron_sami.errors import SamiError
+from megatron_sami.cli.common import fail, run_main
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sami-serve] %(message)s", datefmt="%H:%M:%S",
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                           dtype=args.dtype)
         server = make_server(cfg)
-    except (SamiError, OSError) as err:
+    except OSError as err:  # e.g. the port is taken; a SamiError is mapped by run_main
         fail(str(err))
     host, port = server.server_address[:2]
     # SIGTERM (kill, Slurm) stops serving cleanly; shutdown() must come from another thread.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from megatron_sami.cli.common import run_hydra_app
+from megatron_sami.cli.schemas import register_train_schema
 from megatron_sami.typed_config import to_typed
 
 
@@ -16,6 +17,8 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
+    """The ``sami-train`` entry point (Hydra overrides on the command line)."""
+    register_train_schema()  # the TrainConfig defaults configs/train.yaml builds on
     run_hydra_app(_task, "train")
 
 

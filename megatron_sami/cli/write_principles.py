@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from megatron_sami.cli.common import fail
-from megatron_sami.errors import SamiError
+from megatron_sami.cli.common import run_main
+from megatron_sami.errors import PrincipleWriterError, SamiError
+from megatron_sami.io import atomic_output
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,10 +33,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> Path:
+    """Draft principles with the ``--model`` writer (greedy first, then sampled attempts), keep
+    the valid ones, and save ``--count`` of them as a constitution set at ``--out``; returns it.
+
+    Raises:
+        SamiError: ``--out`` exists without ``--overwrite``, or ``--heldout`` >= ``--count``.
+        PrincipleWriterError: fewer than ``--count`` valid principles after ``--attempts``.
+        ConfigError, EnvironmentSetupError: the writer model or backend cannot be used.
+    """
     from megatron_sami.rollout.constitutions import load_constitution_set
     from megatron_sami.rollout.generation import GenerationConfig, make_backend
     from megatron_sami.rollout.principles import (
-        PrincipleWriterError,
         accept,
         parse_drafts,
         to_constitution_yaml,
@@ -66,24 +74,16 @@ def run(args) -> Path:
                                    f"{args.attempts} attempts (rejected: {rejected or 'none parsed'}); use a stronger "
                                    f"model, more --attempts, or a lower --count.")
     yaml_text = to_constitution_yaml(args.name or args.out.stem, args.task, kept[:args.count], args.heldout)
-    staging = args.out.with_name(args.out.stem + ".incomplete.yaml")
-    staging.write_text(yaml_text)
-    try:
+    with atomic_output(args.out) as staging:
+        staging.write_text(yaml_text)
         load_constitution_set(str(staging))  # what is saved must load as a constitution set
-    except SamiError:
-        staging.unlink()
-        raise
-    staging.replace(args.out)
     print(f"wrote {args.count} principles to {args.out} (rejected: {rejected or 'none'})")
     return args.out
 
 
+@run_main
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except SamiError as err:
-        fail(str(err))
+    run(_parser().parse_args(argv))
     return 0
 
 

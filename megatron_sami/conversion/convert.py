@@ -1,14 +1,9 @@
 """HF <-> Megatron conversion, run inside the project's runtime (one or several processes).
 
-A converted checkpoint directory holds:
-
-    model.yaml        the ModelConfig the training side rebuilds the model from
-    conversion.json   source, dtypes, converter version
-    hf/               the source config.json, generation_config.json and tokenizer files
-    weights/          a Megatron-Core distributed checkpoint (loads at any TP/PP/EP/DP)
-
-Conversion runs at TP=1; pipeline and expert parallelism split the work (each process writes
-only its layers and experts, reading only those HF tensors). The model is built on the meta
+The output of ``hf_to_megatron`` (and the input of ``megatron_to_hf``) is a checkpoint
+directory, whose format :mod:`megatron_sami.models.checkpoint_dir` owns. Conversion runs at
+TP=1; pipeline and expert parallelism split the work (each process writes only its layers and
+experts, reading only those HF tensors). The model is built on the meta
 device; each checkpoint chunk is made from its rows of the HF files when the checkpoint writer
 reaches it (copied file to file when the dtype is kept, read and cast otherwise), so a process
 holds at most a chunk per writer thread, whatever the model's size. Outputs are staged in
@@ -23,12 +18,10 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import yaml
 
 from megatron_sami import __version__
 from megatron_sami.conversion.hf_io import (
@@ -39,26 +32,22 @@ from megatron_sami.conversion.hf_io import (
     write_index,
     write_sharded,
 )
-from megatron_sami.conversion.table import (
-    ConversionError,
-    Rule,
-    expand_rules,
-    global_name,
-    ignored_hf_keys,
-)
+from megatron_sami.conversion.table import Rule, expand_rules, global_name, ignored_hf_keys
 from megatron_sami.conversion.transforms import Rows, Shapes, megatron_shape, to_hf, to_rows
+from megatron_sami.errors import ConversionError
+from megatron_sami.io import atomic_write_json
 from megatron_sami.models.build import Backend, build_gpt_model
-from megatron_sami.models.catalogue import model_config_from_dict
-from megatron_sami.models.checkpoint import (
-    FileBytes,
-    is_rank0,
-    load_model,
-    save_weights,
-    save_weights_lazily,
-    staged_output,
-    unwrap,
+from megatron_sami.models.checkpoint import FileBytes, is_rank0, save_weights_lazily, staged_output, unwrap
+from megatron_sami.models.checkpoint_dir import (
+    HF_DIR,
+    WEIGHTS_DIR,
+    check_output_path,
+    load_checkpoint_model,
+    read_checkpoint_model,
+    write_model_files,
 )
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.models.gpt_ops import layer_and_expert_offsets, tensor_parallel_size, writes_param
 from megatron_sami.runtime.distributed import logger
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -70,19 +59,17 @@ CONVERSION_BACKEND = Backend(use_te=False, on_gpu=False)
 
 
 def shapes_of(model: ModelConfig) -> Shapes:
+    """The sizes the transforms need (heads, query groups, head size, real and padded vocabulary)."""
     return Shapes(model.num_attention_heads, model.num_query_groups, model.kv_channels,
                   model.vocab_size, model.padded_vocab_size())
 
 
-def check_output_path(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConversionError(f"output path {out_dir} is a file; choose a directory path.")
-    if out_dir.exists() and not overwrite:
-        raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it or choose another path.")
-
-
 def check_coverage(rules: list[Rule], reader: SafetensorsReader, model: ModelConfig) -> None:
-    """Every HF tensor consumed by exactly one rule; every rule's tensors present."""
+    """Every HF tensor consumed by exactly one rule; every rule's tensors present.
+
+    Raises:
+        ConversionError: a rule's tensor is missing, or an HF tensor is not mapped by any rule.
+    """
     keys = set(reader.keys())
     wanted = [key for rule in rules for key in rule.hf]
     missing = [key for key in wanted if key not in keys]
@@ -100,24 +87,14 @@ def check_coverage(rules: list[Rule], reader: SafetensorsReader, model: ModelCon
             "the checkpoint has more layers/experts than its config or an unsupported architecture variant.")
 
 
-def _offsets(model: ModelConfig) -> tuple[int, int]:
-    """Global index of this rank's first layer and first expert."""
-    from megatron.core import parallel_state
-
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    layer_offset = pp_rank * (model.num_layers // pp_size)
-    expert_offset = 0
-    if model.is_moe:
-        ep_size = parallel_state.get_expert_model_parallel_world_size()
-        expert_offset = parallel_state.get_expert_model_parallel_rank() * (model.num_experts // ep_size)
-    return layer_offset, expert_offset
-
-
 def local_rules(model_module: torch.nn.Module, model: ModelConfig) -> Iterator[tuple[str, torch.nn.Parameter, Rule]]:
-    """(local name, parameter, rule) for each parameter of this rank; unknown names are errors."""
+    """(local name, parameter, rule) for each parameter of this rank's part of the model.
+
+    Raises:
+        ConversionError: a parameter has no rule in the key map.
+    """
     by_name = {rule.megatron: rule for rule in expand_rules(model)}
-    layer_offset, expert_offset = _offsets(model)
+    layer_offset, expert_offset = layer_and_expert_offsets(model)
     for local_name, param in unwrap(model_module).named_parameters():
         name = global_name(local_name, layer_offset, expert_offset)
         if name == "output_layer.weight" and model.tie_word_embeddings:
@@ -127,10 +104,8 @@ def local_rules(model_module: torch.nn.Module, model: ModelConfig) -> Iterator[t
         yield local_name, param, by_name[name]
 
 
-def _require_tp1(model_module: torch.nn.Module) -> None:
-    from megatron.core import parallel_state
-
-    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+def _require_tp1() -> None:
+    if tensor_parallel_size() != 1:
         raise ConversionError("conversion runs at tensor parallel size 1 (the checkpoint then loads at any TP); "
                               "split the work with --pipeline / --expert instead.")
 
@@ -212,7 +187,15 @@ class _Progress:
 def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
                     name: str | None = None) -> tuple[ModelConfig, SafetensorsReader]:
     """Everything about an HF source and an output path that can be checked from file headers,
-    without a process group: the CLI runs it before starting one, so bad input fails in seconds."""
+    without a process group: the CLI runs it before starting one, so bad input fails in seconds.
+
+    Returns:
+        The model's config (named ``name``, default the directory's name) and an open reader.
+
+    Raises:
+        ConversionError: ``out_dir`` is a file or exists (without ``overwrite``), or config.json
+            or the safetensors files are unusable or do not match each other.
+    """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     check_output_path(out_dir, overwrite)
     model = model_config_from_hf(read_hf_config(hf_dir), name or hf_dir.name)
@@ -223,7 +206,17 @@ def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
 
 
 def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None) -> Path:
-    """Convert an HF directory into a Megatron distributed checkpoint directory (collective)."""
+    """Convert an HF directory into a checkpoint directory (collective); returns ``out_dir``.
+
+    ``parallel`` is the :class:`~megatron_sami.runtime.layout.ParallelConfig` the runtime runs
+    (TP=1; pipeline and expert parallelism split the work). BF16/FP16 sources are stored as
+    BF16, FP32 sources as FP32.
+
+    Raises:
+        ConversionError: ``out_dir`` is a file or exists (without ``overwrite``), the source is
+            unusable or does not match its config, or TP > 1.
+        LayoutError: the layout does not fit the model or the world size.
+    """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model, reader = check_hf_source(hf_dir, out_dir, overwrite, name)
     parallel.validate(model, dist.get_world_size(), training=False)
@@ -235,7 +228,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     with torch.device("meta"):
         megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=params_dtype), seq_length=1,
                                          initialize_weights=False, backend=CONVERSION_BACKEND)
-    _require_tp1(megatron_model)
+    _require_tp1()
     shapes = shapes_of(model)
     parameters = list(local_rules(megatron_model, model))
     for _, param, rule in parameters:
@@ -258,7 +251,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
 
     with staged_output(out_dir) as staging:
         try:
-            save_weights_lazily(megatron_model, staging / "weights", materialize)
+            save_weights_lazily(megatron_model, staging / WEIGHTS_DIR, materialize)
         finally:
             reader.close()
         if is_rank0():
@@ -272,76 +265,29 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
 
 
 def _write_metadata(staging: Path, hf_dir: Path, model: ModelConfig, conversion: dict) -> None:
-    (staging / "model.yaml").write_text(yaml.safe_dump(asdict(model), sort_keys=False))
-    (staging / "conversion.json").write_text(json.dumps(conversion, indent=2) + "\n")
-    (staging / "hf").mkdir()
+    write_model_files(staging, model, conversion)
+    (staging / HF_DIR).mkdir()
     for file_name in HF_META_FILES:
         if (hf_dir / file_name).is_file():
-            shutil.copy2(hf_dir / file_name, staging / "hf" / file_name)
-
-
-def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
-    """The ModelConfig and conversion record of a converted (or trained) checkpoint directory."""
-    ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "model.yaml").is_file() or not (ckpt_dir / "weights").is_dir():
-        hint = " (an interrupted run left only .incomplete)" if ckpt_dir.with_name(ckpt_dir.name + ".incomplete").exists() else ""
-        raise ConversionError(f"{ckpt_dir} is not a converted checkpoint (needs model.yaml and weights/){hint}; "
-                              "run sami-convert hf-to-megatron first.")
-    model = model_config_from_dict(yaml.safe_load((ckpt_dir / "model.yaml").read_text()))
-    conversion = json.loads((ckpt_dir / "conversion.json").read_text()) if (ckpt_dir / "conversion.json").is_file() else {}
-    return model, conversion
-
-
-def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1,
-                          recompute_activations: bool = False):
-    """Build the model of a checkpoint directory at a layout and load its weights (collective)."""
-    model, conversion = read_checkpoint_model(ckpt_dir)
-    parallel.validate(model, dist.get_world_size(), training=False)
-    dtype = params_dtype or conversion.get("params_dtype", "bf16")
-    megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=dtype), seq_length=seq_length,
-                                     recompute_activations=recompute_activations, initialize_weights=False)
-    load_model(megatron_model, Path(ckpt_dir) / "weights")
-    return model, megatron_model
-
-
-def write_checkpoint_description(source_ckpt_dir: Path, target: Path) -> None:
-    """Copy what describes the model (model.yaml, conversion.json, hf/) to a new checkpoint dir."""
-    for name in ("model.yaml", "conversion.json"):
-        if (source_ckpt_dir / name).is_file():
-            shutil.copy2(source_ckpt_dir / name, target / name)
-    shutil.copytree(source_ckpt_dir / "hf", target / "hf")
-
-
-def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, out_dir: Path,
-                        overwrite: bool = False) -> Path:
-    """Save a (trained) model as a checkpoint directory that exports like a converted one.
-
-    The model description (model.yaml, conversion.json, hf/) comes from the checkpoint the
-    model was loaded from; the weights are this model's, at whatever layout it runs (collective).
-    """
-
-    source_ckpt_dir, out_dir = Path(source_ckpt_dir), Path(out_dir)
-    read_checkpoint_model(source_ckpt_dir)
-    check_output_path(out_dir, overwrite)
-    with staged_output(out_dir) as staging:
-        if is_rank0():
-            write_checkpoint_description(source_ckpt_dir, staging)
-        save_weights(megatron_model, staging / "weights")
-    return out_dir
-
-
-def _writes_param(local_name: str) -> bool:
-    """One copy of each tensor: dense weights from DP rank 0, experts from expert-DP rank 0."""
-    from megatron.core import parallel_state
-
-    if ".local_experts." in local_name or ".experts.linear_fc" in local_name:
-        return parallel_state.get_expert_data_parallel_rank() == 0
-    return parallel_state.get_data_parallel_rank() == 0
+            shutil.copy2(hf_dir / file_name, staging / HF_DIR / file_name)
 
 
 def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = False, dtype: str | None = None,
                    max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Export a checkpoint directory to an HF directory that ``from_pretrained`` loads (collective)."""
+    """Export a checkpoint directory to an HF directory that ``from_pretrained`` loads (collective).
+
+    Args:
+        dtype: "bfloat16", "float16" or "float32"; default: the dtype of the original HF weights.
+        max_shard_bytes: the largest safetensors file each process writes (bytes).
+
+    Returns:
+        ``out_dir``.
+
+    Raises:
+        ConversionError: ``ckpt_dir`` is not a checkpoint directory, ``out_dir`` exists (without
+            ``overwrite``), ``dtype`` is not supported, or TP > 1.
+        CheckpointError: the checkpoint's weights do not fit its model.
+    """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     check_output_path(out_dir, overwrite)
     model, conversion = read_checkpoint_model(ckpt_dir)
@@ -351,12 +297,12 @@ def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = Fa
     out_dtype = DTYPE_NAMES[out_dtype_name]
     load_dtype = "fp32" if out_dtype == torch.float32 else conversion.get("params_dtype", "bf16")
     model, megatron_model = load_checkpoint_model(ckpt_dir, parallel, load_dtype)
-    _require_tp1(megatron_model)
+    _require_tp1()
     shapes = shapes_of(model)
     tensors: dict[str, torch.Tensor] = {}
     for local_name, param, rule in local_rules(megatron_model, model):
         is_tied_copy = model.tie_word_embeddings and local_name == "output_layer.weight"
-        if is_tied_copy or not _writes_param(local_name):
+        if is_tied_copy or not writes_param(local_name):
             continue
         for key, tensor in zip(rule.hf, to_hf(rule.transform, shapes, param.detach()), strict=True):
             tensors[key] = tensor.to(out_dtype).clone()
@@ -368,7 +314,7 @@ def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = Fa
         if is_rank0():
             merged = {key: file for part, _ in gathered for key, file in part.items()}
             write_index(staging, merged, sum(size for _, size in gathered))
-            _write_hf_meta(staging, ckpt_dir / "hf", out_dtype_name, conversion.get("source_dtype"))
+            _write_hf_meta(staging, ckpt_dir / HF_DIR, out_dtype_name, conversion.get("source_dtype"))
     logger.info("exported %s -> %s (%s)", ckpt_dir, out_dir, out_dtype_name)
     return out_dir
 
@@ -380,4 +326,4 @@ def _write_hf_meta(staging: Path, meta_dir: Path, dtype_name: str, source_dtype:
     if dtype_name != source_dtype:
         config = json.loads((staging / "config.json").read_text())
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_json(staging / "config.json", config)

@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_sami.conversion.table import ConversionError
-from megatron_sami.errors import ConfigError
+from megatron_sami.errors import ConfigError, ConversionError
+from megatron_sami.io import atomic_write_json
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.checkpoint import read_exactly
 from megatron_sami.models.config import ModelConfig
@@ -37,6 +37,11 @@ SINGLE_NAME = "model.safetensors"
 
 
 def read_hf_config(hf_dir: Path) -> dict:
+    """``hf_dir/config.json`` as a dict.
+
+    Raises:
+        ConversionError: the file is missing or not valid JSON.
+    """
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json; point at a Hugging Face model directory.")
@@ -65,7 +70,16 @@ def _rope(hf: dict) -> tuple[float, dict]:
 
 
 def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
-    """The project's ModelConfig for an HF config.json, refusing what cannot be represented."""
+    """The project's ModelConfig for an HF config.json, refusing what cannot be represented.
+
+    Args:
+        hf: the parsed ``config.json`` (:func:`read_hf_config`).
+        name: the model's name in the new config.
+
+    Raises:
+        ConversionError: an unsupported architecture, activation, bias or rope scaling, or values
+            that do not make a valid ModelConfig.
+    """
     architectures = hf.get("architectures") or []
     architecture = architectures[0] if architectures else None
     if architecture not in FAMILY_OF_ARCHITECTURE:
@@ -107,9 +121,18 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
 
 
 class SafetensorsReader:
-    """Lazy access to the tensors of an HF directory (single file or sharded with an index)."""
+    """Lazy access to the tensors of an HF directory (single file or sharded with an index).
+
+    Every failure to read a file is a :class:`~megatron_sami.errors.ConversionError` naming it.
+    """
 
     def __init__(self, hf_dir: Path) -> None:
+        """Read the index (or the single file's keys) and check every file's header.
+
+        Raises:
+            ConversionError: no safetensors weights (pickle only, or nothing), a broken index, a
+                missing shard, or a truncated or corrupt file.
+        """
         self.hf_dir = hf_dir
         self.file_of = self._weight_map()
         self._headers: dict[str, tuple[int, dict]] = {}
@@ -158,9 +181,11 @@ class SafetensorsReader:
             pass
 
     def keys(self) -> list[str]:
+        """Every tensor name, sorted."""
         return sorted(self.file_of)
 
     def shape(self, key: str) -> list[int]:
+        """``key``'s shape from its file header (nothing is read); ConversionError if ``key`` is missing."""
         return list(self._checked_entry(key)[1]["shape"])
 
     def get(self, key: str) -> torch.Tensor:
@@ -171,7 +196,12 @@ class SafetensorsReader:
 
     def locate_rows(self, key: str, start: int, count: int) -> tuple[int, int, int]:
         """(open file descriptor, byte offset, byte count) of rows ``start``..``start + count`` of
-        ``key`` (a row: everything below the first dimension), checked against the header."""
+        ``key`` (a row: everything below the first dimension), checked against the header.
+
+        Raises:
+            ConversionError: ``key`` is missing or its dtype unsupported.
+            ValueError: the rows are out of range, or the header's byte count does not fit the shape.
+        """
         data_start, entry = self._checked_entry(key)
         row_bytes = math.prod(entry["shape"][1:]) * self.tensor_dtype(key).itemsize
         num_rows = (entry["shape"] or [1])[0]
@@ -187,7 +217,13 @@ class SafetensorsReader:
     def read_rows(self, key: str, start: int, count: int, out: torch.Tensor) -> None:
         """Read rows ``start``..``start + count`` of ``key`` straight into ``out``, a contiguous
         tensor of that many elements, converting the dtype if ``out``'s differs. Positional reads:
-        safe from several threads at once."""
+        safe from several threads at once.
+
+        Raises:
+            ConversionError: as :meth:`locate_rows`, or the file is shorter than its header says.
+            ValueError: ``out`` is not contiguous or has another number of elements, or as
+                :meth:`locate_rows`.
+        """
         if not out.is_contiguous():
             raise ValueError("read_rows needs a contiguous output tensor")
         descriptor, offset, nbytes = self.locate_rows(key, start, count)
@@ -201,6 +237,11 @@ class SafetensorsReader:
             out.copy_(target)
 
     def tensor_dtype(self, key: str) -> torch.dtype:
+        """``key``'s dtype from the header.
+
+        Raises:
+            ConversionError: ``key`` is missing, or its dtype is not BF16, F16 or F32.
+        """
         name = self._checked_entry(key)[1]["dtype"]
         if name not in _SAFETENSORS_DTYPES:
             raise ConversionError(f"{key} has dtype {name}; only BF16, F16 and F32 checkpoints are supported.")
@@ -261,5 +302,6 @@ def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str
 
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """Write ``model.safetensors.index.json`` (``total_size`` in bytes, keys sorted) atomically."""
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    atomic_write_json(directory / INDEX_NAME, index)

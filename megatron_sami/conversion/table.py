@@ -1,4 +1,8 @@
-"""The declarative key map (``conversion/llama_family.yaml``) expanded for one model."""
+"""The declarative key map (``conversion/llama_family.yaml``) expanded for one model.
+
+The YAML file is found through :func:`megatron_sami.resources.key_map_path`, so it loads from a
+checkout and from an installed wheel alike.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import ConversionError as ConversionError  # re-exported for older imports
 from megatron_sami.models.config import ModelConfig
-
-TABLE_PATH = Path(__file__).resolve().parents[2] / "conversion" / "llama_family.yaml"
-
-
-class ConversionError(SamiError):
-    """Input or output of a conversion is unusable; nothing was written."""
+from megatron_sami.resources import key_map_path
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,13 @@ def _applies(condition: str | None, model: ModelConfig) -> bool:
     }[condition]
 
 
-def load_table(path: Path = TABLE_PATH) -> dict:
-    with path.open() as handle:
+def load_table(path: Path | None = None) -> dict:
+    """The key map as a dict (``rules``, ``ignore_hf``); ``path`` defaults to the shipped table.
+
+    Raises:
+        EnvironmentSetupError: if the install lacks the shipped table (see :mod:`megatron_sami.resources`).
+    """
+    with (path or key_map_path()).open() as handle:
         return yaml.safe_load(handle)
 
 

@@ -47,6 +47,7 @@ def qkv_rows(shapes: Shapes, q_rows: int, k_rows: int, v_rows: int) -> list[Rows
 
 
 def qkv_to_hf(shapes: Shapes, qkv: torch.Tensor) -> list[torch.Tensor]:
+    """[q, k, v] of Megatron's fused [groups * (heads/group + 2) * head_dim, hidden] QKV weight."""
     groups, d = shapes.num_query_groups, shapes.head_dim
     heads_per_group = shapes.num_heads // groups
     hidden = qkv.shape[-1]
@@ -61,6 +62,7 @@ def gate_up_rows(shapes: Shapes, gate_rows: int, up_rows: int) -> list[Rows]:
 
 
 def gate_up_to_hf(shapes: Shapes, fc1: torch.Tensor) -> list[torch.Tensor]:
+    """[gate, up]: the two halves of Megatron's gated fc1 weight."""
     gate, up = fc1.chunk(2, dim=0)
     return [gate, up]
 
@@ -77,10 +79,12 @@ def vocab_rows_to_hf(shapes: Shapes, table: torch.Tensor) -> list[torch.Tensor]:
 
 
 def copy_rows(shapes: Shapes, rows: int) -> list[Rows]:
+    """The HF tensor's rows as they are."""
     return [Rows(0, 0, rows)]
 
 
 def copy_to_hf(shapes: Shapes, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor as it is."""
     return [tensor]
 
 
@@ -94,8 +98,15 @@ TRANSFORMS: dict[str, tuple[RowLayout, Callable[[Shapes, torch.Tensor], list[tor
 
 
 def to_rows(transform: str, shapes: Shapes, source_shapes: Sequence[Sequence[int]]) -> list[Rows]:
-    """The row layout of the Megatron tensor made from HF tensors of ``source_shapes``; a layout
-    that reads past a source's rows, or sources whose rows differ in width, are a ValueError."""
+    """The row layout of the Megatron tensor made from HF tensors of ``source_shapes``.
+
+    Args:
+        transform: a name of ``TRANSFORMS`` (the table's ``transform:``).
+        source_shapes: the shapes of the rule's HF tensors, in the table's order.
+
+    Raises:
+        ValueError: the sources' rows differ in width, or the layout reads past a source's rows.
+    """
     widths = {tuple(shape[1:]) for shape in source_shapes}
     if len(widths) != 1:
         raise ValueError(f"the tensors have rows of different shapes: {sorted(widths)}")

@@ -10,24 +10,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from megatron_sami.models.gpt_ops import position_ids_like
+from megatron_sami.models.gpt_ops import gather_vocab, position_ids_like, tensor_parallel_size
+from megatron_sami.training.engine import forward_backward, last_stage_result
 
 
 def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Full-vocabulary logits of ``tokens_BT`` at any layout, returned on every rank.
+    """Full-vocabulary logits of ``tokens_BT`` at any layout, returned on every rank (collective).
+
+    Args:
+        model: this rank's part of a ``GPTModel`` (any TP/PP/EP); put in eval mode here.
+        tokens_BT: [B, T] int64 token ids, the same on every rank.
+        vocab_size: the real vocabulary size V (the model's padded rows are cut off).
+
+    Returns:
+        [B, T, V] fp32 logits.
 
     The sequence is right-padded to a multiple of TP (sequence parallelism needs it); causal
     attention keeps the real positions unaffected, and the padding is cut off again.
     """
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     model.eval()
     real_length = tokens_BT.shape[1]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    padding = -real_length % tp
+    padding = -real_length % tensor_parallel_size()
     if padding:
         tokens_BT = torch.cat([tokens_BT, tokens_BT.new_zeros(tokens_BT.shape[0], padding)], dim=1)
 
@@ -36,25 +40,22 @@ def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size:
         output = module(batch_BT, position_ids_like(batch_BT), None)
 
         def gather(output_BTV, non_loss_data=False):
-            return tensor_parallel.gather_from_tensor_model_parallel_region(output_BTV)[..., :vocab_size]
+            return gather_vocab(output_BTV, vocab_size)
 
         return output, gather
 
     with torch.no_grad():
-        collected = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter([tokens_BT]), model=[model], num_microbatches=1,
-            seq_length=tokens_BT.shape[1], micro_batch_size=tokens_BT.shape[0], forward_only=True,
-            collect_non_loss_data=True)
+        collected = forward_backward(model, forward_step, iter([tokens_BT]), num_microbatches=1,
+                                     seq_length=tokens_BT.shape[1], micro_batch_size=tokens_BT.shape[0],
+                                     forward_only=True, collect_non_loss_data=True)
     shape = (tokens_BT.shape[0], tokens_BT.shape[1], vocab_size)
-    # contiguous: GPTModel returns a transposed view, and gloo reduces raw storage.
-    logits = collected[0].float().contiguous() if parallel_state.is_pipeline_last_stage() else torch.zeros(shape)
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(logits, group=parallel_state.get_pipeline_model_parallel_group())
-    return logits[:, :real_length]
+    logits_BTV = last_stage_result(collected[0] if collected else None, shape)
+    return logits_BTV[:, :real_length]
 
 
 def greedy_tokens(next_logits, prompt_BT: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Greedy decoding without a cache: ``next_logits(tokens) -> [B, T, V]``."""
+    """Greedy decoding without a cache: ``next_logits(tokens_BT) -> [B, T, V]``; returns the
+    ``num_new`` chosen tokens after ``prompt_BT`` [B, T] as [B, num_new] int64."""
     tokens = prompt_BT
     for _ in range(num_new):
         step = next_logits(tokens)[:, -1].argmax(dim=-1, keepdim=True)
@@ -64,17 +65,22 @@ def greedy_tokens(next_logits, prompt_BT: torch.Tensor, num_new: int) -> torch.T
 
 @dataclass
 class Comparison:
+    """How far a candidate's outputs are from the reference's (logits in nats, KL in nats per token)."""
+
     max_abs_logit_diff: float
     kl_divergence: float
     greedy_agreement: float
 
     def within(self, logit_tolerance: float, kl_tolerance: float, min_agreement: float) -> bool:
+        """Whether every measure is within its tolerance (agreement is a fraction in [0, 1])."""
         return (self.max_abs_logit_diff <= logit_tolerance and self.kl_divergence <= kl_tolerance
                 and self.greedy_agreement >= min_agreement)
 
 
 def compare(reference_BTV: torch.Tensor, candidate_BTV: torch.Tensor, reference_new: torch.Tensor,
             candidate_new: torch.Tensor) -> Comparison:
+    """Compare logits [B, T, V] (max |difference|, mean KL(reference || candidate) of the
+    next-token distributions) and greedy continuations [B, N] (fraction of equal tokens)."""
     ref_logp = reference_BTV.double().log_softmax(-1)
     cand_logp = candidate_BTV.double().log_softmax(-1)
     kl = (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).mean()
@@ -86,7 +92,8 @@ def compare(reference_BTV: torch.Tensor, candidate_BTV: torch.Tensor, reference_
 
 
 def hf_reference(hf_dir: Path, tokens_BT: torch.Tensor, num_new: int, dtype: torch.dtype):
-    """Logits and greedy continuation from transformers (the reference implementation)."""
+    """Logits [B, T, V] (fp32) and greedy continuation [B, num_new] of ``tokens_BT`` [B, T] from
+    transformers' ``from_pretrained(hf_dir)`` in ``dtype`` (the reference implementation)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)

@@ -19,7 +19,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.errors import ConfigError, JudgeError
+from megatron_sami.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,17 @@ def retry_after(value: str | None) -> float:
         return 0.0
 
 
-class JudgeError(SamiError):
-    """The judge endpoint cannot be used (unreachable, refusing the key, failing after retries)."""
-
-
 @dataclass
 class JudgeConfig:
+    """The judge endpoint (``winrate.judge.*``, ``sami-eval winrate --judge-*``): an OpenAI-
+    compatible chat endpoint, asked at temperature 0 by default (Fränken et al. 2024,
+    arXiv:2404.14313, judged with GPT-4 at temperature 0).
+
+    Raises:
+        ConfigError: a ``base_url`` that is not http(s), ``max_tokens`` or ``concurrency`` < 1,
+            negative retries or backoff, or a non-positive timeout.
+    """
+
     base_url: str | None = None  # e.g. http://127.0.0.1:8000/v1 (sami-serve, vLLM) or a hosted API
     model: str | None = None
     api_key_env: str | None = "SAMI_JUDGE_API_KEY"  # the variable's name; unset or empty: no key sent
@@ -63,9 +69,11 @@ class JudgeConfig:
 
     @property
     def configured(self) -> bool:
+        """Whether both ``base_url`` and ``model`` are set."""
         return bool(self.base_url and self.model)
 
     def require(self) -> None:
+        """Raises ConfigError, naming the settings, unless :attr:`configured`."""
         if not self.configured:
             raise ConfigError("set judge.base_url and judge.model (an OpenAI-compatible endpoint, e.g. sami-serve "
                               "or vLLM at http://HOST:PORT/v1) to evaluate win rates.")
@@ -73,13 +81,22 @@ class JudgeConfig:
 
 @dataclass(frozen=True)
 class Reply:
+    """The judge's reply text, whether it came from the cache, and ``ok`` or ``malformed``."""
+
     text: str | None  # None when the reply was malformed
     cached: bool
     status: str  # ok | malformed
 
 
 class JudgeClient:
+    """Asks the judge, retrying and caching replies under ``cache_dir`` (module docstring)."""
+
     def __init__(self, cfg: JudgeConfig, cache_dir: Path) -> None:
+        """Read the API key from ``cfg.api_key_env``; nothing is sent yet.
+
+        Raises:
+            ConfigError: ``cfg`` lacks ``base_url`` or ``model``.
+        """
         cfg.require()
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/")
@@ -89,6 +106,7 @@ class JudgeClient:
 
     # -- secrecy ------------------------------------------------------------------------------------
     def redact(self, text: str) -> str:
+        """``text`` with the API key replaced by ``<api key>``."""
         return text.replace(self._key, "<api key>") if self._key else text
 
     def _headers(self) -> dict:
@@ -99,27 +117,32 @@ class JudgeClient:
 
     # -- cache --------------------------------------------------------------------------------------
     def payload(self, messages: list[dict]) -> dict:
+        """The chat-completion request body for ``messages``."""
         return {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature,
                 "max_tokens": self.cfg.max_tokens}
 
     def cache_path(self, payload: dict) -> Path:
+        """Where the reply to ``payload`` at this endpoint is cached (a SHA-256 of both)."""
         digest = hashlib.sha256(json.dumps({"url": self.url, "request": payload}, sort_keys=True).encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
     def cached(self, messages: list[dict]) -> str | None:
+        """The cached reply text to ``messages``, or None."""
         path = self.cache_path(self.payload(messages))
         return json.loads(path.read_text())["text"] if path.is_file() else None
 
     def _store(self, payload: dict, text: str) -> None:
         path = self.cache_path(payload)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}-{time.monotonic_ns()}")
-        tmp.write_text(json.dumps({"request": payload, "text": text}) + "\n")
-        tmp.replace(path)
+        atomic_write_json(path, {"request": payload, "text": text}, indent=None)
 
     # -- HTTP ---------------------------------------------------------------------------------------
     def check_reachable(self) -> None:
-        """GET /models once, so a wrong address fails at once with the fix, not after retries."""
+        """GET /models once, so a wrong address fails at once with the fix, not after retries.
+
+        Raises:
+            JudgeError: the endpoint is unreachable or refuses the key (401/403).
+        """
         request = urllib.request.Request(f"{self.url}/models", headers=self._headers())
         try:
             with urllib.request.urlopen(request, timeout=min(self.cfg.timeout_s, 30)):
@@ -135,6 +158,13 @@ class JudgeClient:
                              f"server (sami-serve MODEL_DIR --port PORT, or vLLM) or fix judge.base_url.") from None
 
     def complete(self, messages: list[dict]) -> Reply:
+        """The judge's reply to ``messages``: from the cache, else asked (with retries) and cached
+        when it is a well-formed chat completion.
+
+        Raises:
+            JudgeError: the key is refused, an HTTP error that is not retried, or failures on
+                every retry.
+        """
         payload = self.payload(messages)
         path = self.cache_path(payload)
         if path.is_file():

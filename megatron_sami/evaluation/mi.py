@@ -1,43 +1,66 @@
-"""Mutual-information evaluation of a model on held-out queries (``sami-eval mi``).
+"""Mutual-information evaluation of a model on held-out queries (``sami-eval mi``, ``sami-iterate``).
+
+Source: Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information: Learning to
+Follow Principles without Preference Labels", arXiv:2404.14313 (the paper below).
 
 For each evaluation query the model writes one greedy response under every sign pattern of the
-query's principles (two principles: both positive, the two mixed, both negative; C = 4), then
-scores every response under every constitution with transformers. Two estimators, per query,
-then their mean and standard error over queries:
+query's principles (two principles: both positive, the two mixed, both negative; C = 4, as in
+the paper), then scores every response under every constitution with transformers:
+S[k, j] = log p(response j | constitution k, query). Two estimators, per query, then their mean
+and standard error over queries, in nats:
 
 - ``info_nce_bound``: log C - InfoNCE loss, from length-normalised (mean) log-probs, capped at
-  log C: the lower bound the training objective raises;
-- ``paper_mi``: the paper's uncapped estimator from SUMMED log-probs,
-  (1/C) sum_j [S[j, j] - (1/C) sum_k S[k, j]].
+  log C: the lower bound on I(Y; C | x) that the training objective raises
+  (:func:`megatron_sami.alignment.objective.sami_loss`);
+- ``paper_mi``: the uncapped estimator behind the MI values the paper reports, from SUMMED
+  log-probs: (1/C) sum_j [S[j, j] - (1/C) sum_k S[k, j]]
+  (:func:`megatron_sami.alignment.objective.paper_mi_estimate`).
 
 Scoring tokenises exactly as training does (:func:`megatron_sami.alignment.data.tokenize_record`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from megatron_sami.alignment.data import PromptTemplate, SamiRecord, tokenize_record
+from megatron_sami.alignment.data import PromptTemplate, SamiRecord, parse_record, tokenize_record
 from megatron_sami.alignment.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
+from megatron_sami.errors import SamiError
+from megatron_sami.evaluation.splits import split_label, splits_of
+from megatron_sami.io import atomic_output, atomic_write_json
+from megatron_sami.rollout.constitutions import (
+    ConstitutionSet,
+    SamplingConfig,
+    evaluation_constitutions,
+    max_constitutions,
+)
+from megatron_sami.rollout.generation import GenerationConfig, generate_records, make_backend, read_shards
+from megatron_sami.rollout.queries import Query
 
-MAX_SCORED_LENGTH = 8192
+MAX_SCORED_LENGTH = 8192  # tokens of one scored (prompt, response) sequence
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """A mean over queries, its standard error (nan for one query) and the number of queries."""
+
     mean: float
     se: float
     n: int
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return {"mean": self.mean, "se": self.se, "n": self.n}
 
 
 def mean_and_se(values: list[float]) -> Estimate:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)) of ``values``."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
@@ -47,7 +70,17 @@ def mean_and_se(values: list[float]) -> Estimate:
 
 
 def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """log p(label_t | tokens_<=t) for every position; right padding needs no attention mask (causal)."""
+    """log p(label_t | tokens_<=t) at every position, in nats.
+
+    Args:
+        model: an HF causal LM (``model(input_ids=...).logits``).
+        tokens: [N, T] int64 token ids, right-padded (a causal model needs no attention mask for that).
+        labels: [N, T] int64, the next token of each position.
+        chunk: sequences per forward pass.
+
+    Returns:
+        [N, T] float32 log-probabilities, on CPU.
+    """
     device = next(model.parameters()).device
     rows = []
     with torch.no_grad():
@@ -59,7 +92,15 @@ def token_logprobs(model, tokens: torch.Tensor, labels: torch.Tensor, chunk: int
 
 
 def score_record(model, tokenizer, template: PromptTemplate, record: SamiRecord) -> dict[str, torch.Tensor]:
-    """The C x C matrices S[k, j] = log p(response j | constitution k, query), summed and mean."""
+    """The C x C matrices S[k, j] = log p(response j | constitution k, query) of one record.
+
+    Returns:
+        ``{"sum": S_CC, "mean": S_CC}``: [C, C] float32, in nats, the response tokens' log-probs
+        summed and averaged per token.
+
+    Raises:
+        OverlengthError: a (prompt, response) sequence is longer than ``MAX_SCORED_LENGTH`` tokens.
+    """
     batch = tokenize_record(record, tokenizer, template, MAX_SCORED_LENGTH)
     length = int(batch["loss_mask"].nonzero()[:, 1].max()) + 1
     tokens, labels, mask = (batch[key][:, :length] for key in ("tokens", "labels", "loss_mask"))
@@ -69,6 +110,8 @@ def score_record(model, tokenizer, template: PromptTemplate, record: SamiRecord)
 
 
 def query_estimates(matrices: dict[str, torch.Tensor]) -> dict[str, float]:
+    """One query's ``info_nce_bound`` and ``paper_mi`` (nats) and the row/column accuracies, from
+    :func:`score_record`'s matrices."""
     mean_BCC = matrices["mean"].unsqueeze(0)
     output = sami_loss(mean_BCC, SamiLossConfig())
     return {"info_nce_bound": float(output.mi_bound_nats), "paper_mi": float(paper_mi_estimate(matrices["sum"].unsqueeze(0))[0]),
@@ -76,7 +119,16 @@ def query_estimates(matrices: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def evaluate_records(model_dir: str | Path, records: list[SamiRecord], template: PromptTemplate) -> dict:
-    """Both estimators (mean, standard error) over the records' queries for the model in ``model_dir``."""
+    """Both estimators over the records' queries for the HF model in ``model_dir`` (float32, on
+    the GPU when there is one).
+
+    Returns:
+        ``{"info_nce_bound", "paper_mi", "acc_row", "acc_col"}``, each ``{"mean", "se", "n"}``
+        (estimators in nats), and ``"num_constitutions"`` (C).
+
+    Raises:
+        OverlengthError: as :func:`score_record`.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from megatron_sami.runtime.quiet import quiet_transformers
@@ -89,6 +141,105 @@ def evaluate_records(model_dir: str | Path, records: list[SamiRecord], template:
     per_query = [query_estimates(score_record(model, tokenizer, template, record)) for record in records]
     return {key: mean_and_se([q[key] for q in per_query]).as_dict() for key in per_query[0]} | {
         "num_constitutions": records[0].num_constitutions}
+
+
+def evaluation_sampling(cset: ConstitutionSet, split: str, principles_per_query: int) -> SamplingConfig:
+    """The MI evaluation's draw for one split: P = min(principles_per_query, the split's principles)
+    per query and every sign pattern of them, C = 2**P (P = 2: the paper's C = 4).
+
+    Raises:
+        ConfigError: ``cset`` has no principle of ``split``.
+    """
+    count = min(principles_per_query, len(cset.pool(split)))
+    return SamplingConfig(num_constitutions=max_constitutions(count), principles_per_query=count, split=split)
+
+
+def evaluate_model(model_dir: str | Path, queries: list[Query], cset: ConstitutionSet,
+                   template: PromptTemplate, generation: GenerationConfig, principles_per_query: int,
+                   shard_dir: Callable[[str], Path], seed: int, name: str,
+                   backend_factory: Callable | None = None,
+                   before_shard: Callable[[], None] | None = None) -> dict[str, dict]:
+    """One model's MI evaluation, per principle split of ``cset`` (``learned``, ``heldout``).
+
+    The model writes a response per query under each constitution of :func:`evaluation_sampling`
+    into resumable shards; records with an empty response are left out; the rest are scored by
+    :func:`evaluate_records`.
+
+    Args:
+        generation: used as given (callers pass temperature 0: the paper's greedy responses).
+        shard_dir: the shard directory of a split (``train`` or ``heldout``).
+        seed: the per-query draw of principles (the same queries and seed give the same draw).
+        name: the model in messages, e.g. ``iteration 2``.
+        backend_factory: makes the generation backend, only when a shard is missing (default:
+            :func:`~megatron_sami.rollout.generation.make_backend` on ``model_dir``).
+        before_shard: called before each shard is generated (the driver raises there to stop).
+
+    Returns:
+        ``{"learned": ..., "heldout": ...}`` (the splits ``cset`` has), each as
+        :func:`evaluate_records` returns.
+
+    Raises:
+        SamiError: every response of a split was empty (raise ``max_new_tokens``).
+        ConfigError: ``model_dir`` is not an HF model directory, or as :func:`evaluation_sampling`.
+        EnvironmentSetupError: the generation backend cannot run here.
+        OverlengthError: as :func:`score_record`.
+    """
+    backend_factory = backend_factory or (lambda: make_backend(model_dir, generation))
+    results = {}
+    for split in splits_of(cset):
+        sampling = evaluation_sampling(cset, split, principles_per_query)
+        shards = generate_records(backend_factory, queries, cset, sampling, template, shard_dir(split),
+                                  generation.shard_size, seed, sample=evaluation_constitutions,
+                                  before_shard=before_shard)
+        records = [parse_record(json.dumps(row), name) for row in read_shards(shards)
+                   if all(r.strip() for r in row["responses"])]
+        if not records:
+            raise SamiError(f"{name}: every evaluation response was empty; raise max_new_tokens.")
+        results[split_label(split)] = evaluate_records(model_dir, records, template)
+    return results
+
+
+def evaluate_models(models: list[tuple[str, Path]], queries: list[Query], cset: ConstitutionSet,
+                    template: PromptTemplate, generation: GenerationConfig, principles_per_query: int,
+                    out_dir: Path, seed: int) -> list[dict]:
+    """:func:`evaluate_model` for each ``(label, HF directory)`` in order, on the same queries.
+
+    Writes the responses under ``out_dir/responses/{label}-{split}/``, the rows to
+    ``out_dir/mi.json`` and their plot to ``out_dir/mi.png``.
+
+    Returns:
+        One row per model: ``{"label", "model", "mi": {split label: estimates}, "iteration"}``
+        (``iteration``: the model's position, the plot's x axis).
+
+    Raises:
+        SamiError: as :func:`evaluate_model` (ConfigError and the rest are its subclasses).
+    """
+    rows = []
+    for index, (label, path) in enumerate(models):
+        results = evaluate_model(path, queries, cset, template, generation, principles_per_query,
+                                 lambda split, label=label: out_dir / "responses" / f"{label}-{split}", seed,
+                                 f"model {label}")
+        rows.append({"label": label, "model": str(path), "mi": results, "iteration": index})
+    atomic_write_json(out_dir / "mi.json", rows)
+    plot_mi(rows, out_dir / "mi.png")
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """One line per (iteration or model, principle split) with both estimators and their errors."""
+    lines = [f"{'model':<12} {'principles':<10} {'n':>4} {'InfoNCE bound (nats)':>22} "
+             f"{'paper MI (nats)':>18}"]
+    for row in rows:
+        for split, values in row.get("mi", {}).items():
+            bound, paper = values["info_nce_bound"], values["paper_mi"]
+            lines.append(f"{str(row.get('label', row.get('iteration'))):<12} {split:<10} {bound['n']:>4} "
+                         f"{_plus_minus(bound):>22} {_plus_minus(paper):>18}")
+    return "\n".join(lines)
+
+
+def _plus_minus(estimate: dict) -> str:
+    se = "nan" if math.isnan(estimate["se"]) else f"{estimate['se']:.3f}"
+    return f"{estimate['mean']:.3f} +- {se}"
 
 
 def plot_mi(summary_rows: list[dict], path: Path) -> None:
@@ -115,7 +266,6 @@ def plot_mi(summary_rows: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     figure.tight_layout()
-    staging = path.with_name(path.stem + ".incomplete.png")
-    figure.savefig(staging, dpi=110)
+    with atomic_output(path) as staging:
+        figure.savefig(staging, dpi=110)
     plt.close(figure)
-    staging.replace(path)

@@ -1,5 +1,10 @@
 """Win-rate evaluation: responses of a test and a baseline model, judged principle by principle.
 
+The protocol follows Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information:
+Learning to Follow Principles without Preference Labels", arXiv:2404.14313: an LLM judge sees
+the constitution, A/B positions are randomised with a fixed seed, and undecided verdicts count
+0.5 (:mod:`megatron_sami.evaluation.winrate`).
+
 Responses are greedy, under the positive constitution of each evaluation query (the same
 principles the MI evaluation draws for that query). Each (query, principle of its constitution)
 is one comparison; the judge sees that principle, the query and both responses in an A/B order
@@ -23,6 +28,7 @@ from pathlib import Path
 from megatron_sami.alignment.data import PromptTemplate
 from megatron_sami.errors import ConfigError, SamiError
 from megatron_sami.evaluation.judge import JudgeClient, JudgeConfig
+from megatron_sami.evaluation.splits import SPLIT_LABELS, split_label, splits_of  # noqa: F401 (driver)
 from megatron_sami.evaluation.winrate import (
     Comparison,
     judge_messages,
@@ -31,6 +37,7 @@ from megatron_sami.evaluation.winrate import (
     summarize,
     win_score,
 )
+from megatron_sami.io import atomic_output, atomic_write_json, atomic_write_jsonl
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
     QueryConstitutions,
@@ -43,17 +50,22 @@ from megatron_sami.rollout.generation import (
     generate_records,
     make_backend,
     read_shards,
-    write_jsonl_atomic,
 )
 from megatron_sami.rollout.queries import Query
 
 logger = logging.getLogger(__name__)
 
-SPLIT_LABELS = {"train": "learned", "heldout": "heldout"}
 
 
 @dataclass
 class WinRateConfig:
+    """``sami-iterate``'s ``winrate`` section: judge each iteration against its baselines.
+
+    Raises:
+        ConfigError: enabled without a judge URL and model, a malformed baseline, or
+            ``principles_per_query`` < 1.
+    """
+
     enabled: bool = False
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     baselines: list[str] = field(default_factory=lambda: ["base"])  # "base" or LABEL=HF_DIR (an instruct model)
@@ -70,7 +82,11 @@ class WinRateConfig:
 
 
 def parse_baselines(specs: list[str]) -> list[tuple[str, str | None]]:
-    """("base", None) for the run's base model, (label, dir) for another HF model."""
+    """``(label, HF directory)`` per baseline spec: ``("base", None)`` for the run's base model.
+
+    Raises:
+        ConfigError: a spec is neither ``base`` nor ``LABEL=HF_DIR``.
+    """
     out = []
     for spec in specs:
         if spec == "base":
@@ -91,13 +107,10 @@ def positive_constitution(cset: ConstitutionSet, config: SamplingConfig, rng) ->
 
 
 def sampling_for(cset: ConstitutionSet, split: str, principles_per_query: int) -> SamplingConfig:
+    """The principles drawn per query of ``split``: as many as the MI evaluation draws."""
     # num_constitutions is unused here: one (positive) constitution per query.
     return SamplingConfig(num_constitutions=2, principles_per_query=min(principles_per_query, len(cset.pool(split))),
                           split=split)
-
-
-def splits_of(cset: ConstitutionSet) -> list[str]:
-    return [split for split in ("train", "heldout") if any(p.split == split for p in cset.principles)]
 
 
 def response_rows(records: list[dict], split: str) -> list[dict]:
@@ -109,19 +122,30 @@ def response_rows(records: list[dict], split: str) -> list[dict]:
 def generate_responses(model_dir: Path, queries: list[Query], cset: ConstitutionSet, template: PromptTemplate,
                        generation: GenerationConfig, principles_per_query: int, out_dir: Path, seed: int,
                        before_shard=None) -> list[dict]:
-    """Greedy responses under the positive constitution, per principle split, in resumable shards."""
+    """Greedy responses under the positive constitution, per principle split, in resumable shards
+    under ``out_dir/{learned,heldout}/``; returns response rows (see the module docstring).
+
+    Raises:
+        ConfigError: ``model_dir`` is not an HF model directory, or too few principles.
+        EnvironmentSetupError: the generation backend cannot run here.
+    """
     greedy = GenerationConfig(**{**vars(generation), "temperature": 0.0})
     rows = []
     for split in splits_of(cset):
         shards = generate_records(lambda: make_backend(model_dir, greedy), queries, cset,
                                   sampling_for(cset, split, principles_per_query), template,
-                                  out_dir / SPLIT_LABELS[split], greedy.shard_size, seed, sample=positive_constitution,
-                                  before_shard=before_shard)
+                                  out_dir / split_label(split), greedy.shard_size, seed,
+                                  sample=positive_constitution, before_shard=before_shard)
         rows += response_rows(read_shards(shards), split)
     return rows
 
 
 def read_response_rows(path: Path) -> list[dict]:
+    """The response rows of a JSONL file (see the module docstring for their keys).
+
+    Raises:
+        SamiError: a line is not JSON or lacks a key, or the file has no rows.
+    """
     rows = []
     with path.open() as handle:
         for number, line in enumerate(handle, start=1):
@@ -142,7 +166,11 @@ def read_response_rows(path: Path) -> list[dict]:
 
 
 def make_comparisons(test_rows: list[dict], baseline_rows: list[dict], cset: ConstitutionSet) -> list[Comparison]:
-    """One comparison per (query, principle of its constitution) present in both sets of rows."""
+    """One comparison per (query, principle of its constitution) present in both sets of rows.
+
+    Raises:
+        SamiError: a principle is not in ``cset``, or the two sets share no query.
+    """
     definitions = {p.name: p.definition for p in cset.principles}
     baseline = {(r["split"], r["id"]): r for r in baseline_rows}
     comparisons = []
@@ -157,7 +185,7 @@ def make_comparisons(test_rows: list[dict], baseline_rows: list[dict], cset: Con
         constitution = row.get("constitution") or "\n".join(
             f"{number}. {definitions[name]}" for number, name in enumerate(row["principles"], start=1))
         for name in row["principles"]:
-            comparisons.append(Comparison(row["id"], row["query"], SPLIT_LABELS.get(row["split"], row["split"]), name,
+            comparisons.append(Comparison(row["id"], row["query"], split_label(row["split"]), name,
                                           definitions[name], row["response"], other["response"], constitution))
     if not comparisons:
         raise SamiError("the test and baseline responses share no query; generate both on the same queries.")
@@ -165,7 +193,13 @@ def make_comparisons(test_rows: list[dict], baseline_rows: list[dict], cset: Con
 
 
 def judge_comparisons(comparisons: list[Comparison], client: JudgeClient, seed: int) -> list[dict]:
-    """Ask the judge about every comparison (cached replies reused); rows with verdict and score."""
+    """Ask the judge about every comparison (cached replies reused); rows with verdict and score.
+
+    ``seed`` fixes each comparison's A/B placement (:func:`~megatron_sami.evaluation.winrate.placed_first`).
+
+    Raises:
+        JudgeError: the judge is unreachable while some comparison is not cached.
+    """
     uncached = [c for c in comparisons if client.cached(judge_messages(c, seed)) is None]
     if uncached:
         client.check_reachable()
@@ -195,16 +229,65 @@ def judge_comparisons(comparisons: list[Comparison], client: JudgeClient, seed: 
 
 def evaluate_pair(test_rows: list[dict], baseline_rows: list[dict], cset: ConstitutionSet, judge_cfg: JudgeConfig,
                   out_dir: Path, seed: int, cache_dir: Path | None = None) -> dict:
-    """Judge a test set of responses against a baseline's; writes judgements.jsonl and result.json."""
+    """Judge a test set of responses against a baseline's; writes judgements.jsonl and result.json.
+
+    Args:
+        seed: the A/B placement seed.
+        cache_dir: the judge's reply cache (default: ``judge_cfg.cache_dir``, else
+            ``out_dir/../judge-cache``).
+
+    Returns:
+        :func:`~megatron_sami.evaluation.winrate.summarize`'s result (win rates with 95%
+        intervals, per split and principle, and length-balanced) plus the judge and the seed.
+
+    Raises:
+        SamiError: as :func:`make_comparisons`.
+        JudgeError: as :func:`judge_comparisons`.
+    """
     client = JudgeClient(judge_cfg, cache_dir or Path(judge_cfg.cache_dir or out_dir.parent / "judge-cache"))
     judged = judge_comparisons(make_comparisons(test_rows, baseline_rows, cset), client, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl_atomic(out_dir / "judgements.jsonl", judged)
+    atomic_write_jsonl(out_dir / "judgements.jsonl", judged)
     result = summarize(judged) | {"judge": {"model": judge_cfg.model, "url": judge_cfg.base_url}, "seed": seed}
-    staging = out_dir / "result.json.incomplete"
-    staging.write_text(json.dumps(result, indent=2) + "\n")
-    staging.replace(out_dir / "result.json")
+    atomic_write_json(out_dir / "result.json", result)
     return result
+
+
+def winrate_of_rows(test_rows: list[dict], baseline_rows: list[dict], cset: ConstitutionSet,
+                    judge_cfg: JudgeConfig, out_dir: Path, seed: int) -> list[dict]:
+    """``sami-eval winrate``'s pair mode on response rows: both sets saved under ``out_dir/responses/``,
+    judged by :func:`evaluate_pair` into ``out_dir``, plotted to ``out_dir/winrate.png``.
+
+    Returns:
+        The table row ``[{"label": "test", "iteration": 1, "baseline": "baseline", "result"}]``.
+
+    Raises:
+        SamiError, JudgeError: as :func:`evaluate_pair`.
+    """
+    (out_dir / "responses").mkdir(parents=True, exist_ok=True)
+    atomic_write_jsonl(out_dir / "responses" / "test.jsonl", test_rows)
+    atomic_write_jsonl(out_dir / "responses" / "baseline.jsonl", baseline_rows)
+    result = evaluate_pair(test_rows, baseline_rows, cset, judge_cfg, out_dir, seed)
+    rows = [{"label": "test", "iteration": 1, "baseline": "baseline", "result": result}]
+    plot_winrates(rows, out_dir / "winrate.png")
+    return rows
+
+
+def winrate_of_models(test_dir: Path, baseline_dir: Path, queries: list[Query], cset: ConstitutionSet,
+                      template: PromptTemplate, generation: GenerationConfig, principles_per_query: int,
+                      out_dir: Path, seed: int, judge_cfg: JudgeConfig, position_seed: int) -> list[dict]:
+    """``sami-eval winrate``'s pair mode on two HF models: :func:`generate_responses` of each
+    (``seed``: the principles drawn), then :func:`winrate_of_rows` (``position_seed``: A/B placement).
+
+    Raises:
+        ConfigError, EnvironmentSetupError: as :func:`generate_responses`.
+        SamiError, JudgeError: as :func:`evaluate_pair`.
+    """
+    test_rows, baseline_rows = (
+        generate_responses(path, queries, cset, template, generation, principles_per_query,
+                           out_dir / "responses" / label, seed)
+        for label, path in (("test", test_dir), ("baseline", baseline_dir)))
+    return winrate_of_rows(test_rows, baseline_rows, cset, judge_cfg, out_dir, position_seed)
 
 
 def format_table(rows: list[dict]) -> str:
@@ -254,5 +337,6 @@ def plot_winrates(rows: list[dict], path: Path) -> None:
         axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as staging:
+        fig.savefig(staging, dpi=120)
     plt.close(fig)

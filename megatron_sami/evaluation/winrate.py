@@ -3,6 +3,12 @@
 Everything here is pure Python on plain values, so it is tested against straightforward
 implementations on fixed inputs. A comparison scores 1 when the judge prefers the test response,
 0 when it prefers the baseline's, and 0.5 when the verdict names both letters or neither.
+
+The protocol is that of Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information:
+Learning to Follow Principles without Preference Labels", arXiv:2404.14313: the judge sees the
+constitution, A/B positions are randomised with a fixed seed, unparseable or two-letter verdicts
+count 0.5, and a length-controlled rate averages the win rates of the queries where the test
+response is longer and of those where it is not.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class Comparison:
 
     @property
     def key(self) -> str:
+        """``split/principle/query_id``: names the comparison in the cache, the placement and the rows."""
         return f"{self.split}/{self.principle}/{self.query_id}"
 
 
@@ -61,6 +68,8 @@ def placed_first(comparison: Comparison, seed: int) -> bool:
 
 
 def judge_messages(comparison: Comparison, seed: int) -> list[dict]:
+    """The chat messages (system, user) that ask the judge about ``comparison``, responses
+    placed by :func:`placed_first`."""
     first, second = ((comparison.test, comparison.baseline) if placed_first(comparison, seed)
                      else (comparison.baseline, comparison.test))
     prompt = JUDGE_PROMPT.format(constitution=comparison.constitution or comparison.principle_text,
@@ -91,16 +100,21 @@ def win_score(verdict: str | None, test_first: bool) -> float:
 
 @dataclass(frozen=True)
 class WinRate:
+    """A win rate (mean score in [0, 1]), its 95% interval and the number of comparisons."""
+
     mean: float
     low: float  # 95% confidence interval (normal approximation on the per-comparison scores)
     high: float
     n: int
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n}
 
 
 def win_rate(scores: list[float], z: float = 1.96) -> WinRate:
+    """Mean score with a normal-approximation interval (mean +- z * sd / sqrt(n), clipped to
+    [0, 1]); nan where there are no scores (interval: fewer than two)."""
     if not scores:
         return WinRate(math.nan, math.nan, math.nan, 0)
     mean = statistics.fmean(scores)
@@ -117,6 +131,8 @@ def length_balanced(scores: list[float], test_longer: list[bool]) -> float:
 
 
 def length_stats(test: list[str], baseline: list[str]) -> dict:
+    """Mean and median lengths in characters of paired responses, and the share where the test
+    one is longer."""
     test_lengths, base_lengths = [len(t) for t in test], [len(b) for b in baseline]
     return {"test_mean_chars": statistics.fmean(test_lengths) if test else math.nan,
             "baseline_mean_chars": statistics.fmean(base_lengths) if baseline else math.nan,

@@ -28,15 +28,16 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from megatron_sami.alignment.data import PromptTemplate, parse_record
-from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, Preempted, SamiError
+from megatron_sami.alignment.data import PromptTemplate
+from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, DataError, PhaseError, Preempted
 from megatron_sami.evaluation import mi
 from megatron_sami.evaluation import pairwise as winrate
-from megatron_sami.models.catalogue import config_dir
+from megatron_sami.evaluation.splits import split_label
+from megatron_sami.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from megatron_sami.resources import config_dir
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
     SamplingConfig,
-    evaluation_constitutions,
     load_constitution_set,
     validate_sampling,
 )
@@ -47,16 +48,13 @@ from megatron_sami.rollout.generation import (
     generate_records,
     make_backend,
     read_shards,
-    write_jsonl_atomic,
 )
 from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
 from megatron_sami.runtime.distributed import logger
 
 TRAIN_FROM = ("base", "previous")
-
-
-class PhaseError(SamiError):
-    """A phase's subprocess failed; its own output says why."""
+# sami-train settings the driver sets itself for every iteration; a train: section cannot set them.
+DRIVER_TRAIN_KEYS = ("checkpoint", "run_dir", "template", "data.records")
 
 
 @dataclass
@@ -103,7 +101,9 @@ class IterateConfig:
     winrate: winrate.WinRateConfig = field(default_factory=winrate.WinRateConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     export_dtype: str | None = None
-    train: dict = field(default_factory=dict)  # sami-train overrides (see configs/train.yaml)
+    # The sami-train settings this run sets (the rest are sami-train's own defaults, so a changed
+    # default reaches every iteration); checked as a TrainConfig when the run opens.
+    train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.iterations < 1 or self.queries_per_iteration < 1:
@@ -112,6 +112,59 @@ class IterateConfig:
             raise ConfigError(f"train_from '{self.train_from}' is unknown; use base or previous.")
         if not self.base.hf and not self.base.checkpoint:
             raise ConfigError("set base.hf (an HF model directory) or base.checkpoint (a converted checkpoint).")
+
+
+def train_section_schema() -> dict:
+    """Every key an iterate config's ``train:`` section may set, each unset (``???``), nested as
+    in :class:`~megatron_sami.alignment.trainer.TrainConfig` (less :data:`DRIVER_TRAIN_KEYS`).
+
+    Hydra needs a key to exist before ``train.x=...`` can override it; the unset ones are dropped
+    by :func:`set_values` before the config is used, so sami-train's own defaults apply to them.
+    """
+    from megatron_sami.alignment.trainer import TrainConfig
+
+    def unset(values: dict, prefix: str) -> dict:
+        return {key: unset(value, f"{prefix}{key}.") if isinstance(value, dict) else "???"
+                for key, value in values.items() if f"{prefix}{key}" not in DRIVER_TRAIN_KEYS}
+
+    return unset(OmegaConf.to_container(OmegaConf.structured(TrainConfig)), "")
+
+
+def set_values(values: dict) -> dict:
+    """``values`` (a plain nested mapping) without its unset (``???``) leaves and emptied sections."""
+    kept: dict = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = set_values(value)
+            if value:
+                kept[key] = value
+        elif value != "???":
+            kept[key] = value
+    return kept
+
+
+def train_settings(cfg: IterateConfig):
+    """The :class:`~megatron_sami.alignment.trainer.TrainConfig` that every iteration's sami-train
+    builds: configs/train.yaml, the run's template and its ``train:`` section on TrainConfig's
+    defaults (the driver's own keys filled with placeholders). A run builds it when it opens, so
+    that a bad key fails before any phase runs.
+
+    Raises:
+        ConfigError: if the ``train:`` section sets one of :data:`DRIVER_TRAIN_KEYS`, names an
+            unknown key or holds an invalid value (the message names ``train.<key>``).
+    """
+    from megatron_sami.alignment.trainer import TrainConfig
+    from megatron_sami.typed_config import to_typed
+
+    flat = flatten(cfg.train)
+    for key in DRIVER_TRAIN_KEYS:
+        if any(name == key or name.startswith(key + ".") for name in flat):
+            raise ConfigError(f"train.{key} is set by sami-iterate for every iteration; remove it from the "
+                              f"train: section.")
+    values = OmegaConf.to_container(OmegaConf.load(config_dir() / "train.yaml"))
+    values = {k: v for k, v in values.items() if k not in ("defaults", "hydra")}
+    driver = {"checkpoint": "-", "run_dir": "-", "data": {"records": "-"}, "template": OmegaConf.structured(cfg.template)}
+    return to_typed(TrainConfig, OmegaConf.merge(values, driver, cfg.train), "train")
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, object]:
@@ -145,7 +198,7 @@ class Run:
         self.cset: ConstitutionSet = load_constitution_set(cfg.constitution_set)
         validate_sampling(self.cset, cfg.sampling)
         self._check_eval_sampling()
-        self._check_train_overrides()
+        self.train_settings = train_settings(cfg)
         self._check_paths()
         check_backend_available(cfg.generation)
         if resolved_yaml is not None:
@@ -161,18 +214,6 @@ class Run:
         if self.cfg.evaluation.enabled:
             for split in self.eval_splits():
                 validate_sampling(self.cset, self.eval_sampling(split))
-
-    def _check_train_overrides(self) -> None:
-        from megatron_sami.alignment.trainer import TrainConfig
-        from megatron_sami.typed_config import to_typed
-
-        values = OmegaConf.merge(OmegaConf.load(config_dir() / "train.yaml"),
-                                 {"template": OmegaConf.structured(self.cfg.template)})
-        values = {k: v for k, v in OmegaConf.to_container(values).items() if k not in ("defaults", "hydra")}
-        values.update(checkpoint="-", run_dir="-")
-        values["data"]["records"] = "-"
-        merged = OmegaConf.merge(values, self.cfg.train)
-        to_typed(TrainConfig, merged, "train")
 
     def _check_paths(self) -> None:
         if self.cfg.base.hf and not (Path(self.cfg.base.hf) / "config.json").is_file():
@@ -193,7 +234,7 @@ class Run:
             raise ConfigError(f"{self.dir} holds a run with a different configuration (changed: "
                               f"{', '.join(changed[:6])}); rerun with the same overrides to resume, or use a new "
                               f"run_dir.")
-        saved.write_text(resolved_yaml)
+        atomic_write_text(saved, resolved_yaml)
 
     def eval_splits(self) -> list[str]:
         splits = ["train"]
@@ -202,9 +243,7 @@ class Run:
         return splits
 
     def eval_sampling(self, split: str) -> SamplingConfig:
-        available = len(self.cset.pool(split))
-        count = min(self.cfg.evaluation.principles_per_query, available)
-        return SamplingConfig(num_constitutions=2 ** count, principles_per_query=count, split=split)
+        return mi.evaluation_sampling(self.cset, split, self.cfg.evaluation.principles_per_query)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def done(self, phase: str) -> bool:
@@ -212,7 +251,7 @@ class Run:
 
     def record(self, phase: str, result: dict) -> None:
         self.state["phases"][phase] = result | {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        write_json_atomic(self.dir / "state.json", self.state)
+        atomic_write_json(self.dir / "state.json", self.state)
         self.write_summary()
 
     def result(self, phase: str) -> dict:
@@ -311,9 +350,9 @@ class Run:
         split = split_queries(queries, self.cfg.iterations, self.cfg.queries_per_iteration, num_eval, self.cfg.seed)
         out = self.dir / "queries"
         out.mkdir(exist_ok=True)
-        write_jsonl_atomic(out / "eval.jsonl", [vars(q) for q in split.evaluation])
+        atomic_write_jsonl(out / "eval.jsonl", [vars(q) for q in split.evaluation])
         for t, chunk in enumerate(split.per_iteration, start=1):
-            write_jsonl_atomic(out / f"iter{t}.jsonl", [vars(q) for q in chunk])
+            atomic_write_jsonl(out / f"iter{t}.jsonl", [vars(q) for q in chunk])
         return {"source": self.cfg.queries.source, "available": len(queries), "eval": len(split.evaluation),
                 "per_iteration": self.cfg.queries_per_iteration}
 
@@ -332,25 +371,33 @@ class Run:
         return {"model": str(model_dir), "shards": len(shards)}
 
     def filter(self, t: int) -> dict:
-        from megatron_sami.alignment.data import DataError
-
         rows = read_shards(sorted((self.dir / f"iter{t}" / "generated").glob("shard-*.jsonl")))
         kept, counts = filter_records(rows, self.cfg.filters)
         logger.info("[iterate] iter%d filters: %s", t, ", ".join(f"{k} {v}" for k, v in counts.items()))
-        needed = int(self.cfg.train.get("queries_per_step", 8))
+        needed = self.train_settings.queries_per_step
         if len(kept) < needed:
             raise DataError(f"iteration {t}: only {len(kept)} of {len(rows)} records passed the filters ({counts}); "
                             f"training needs at least queries_per_step={needed}: raise queries_per_iteration or "
                             f"max_new_tokens, or relax the filters.")
-        write_jsonl_atomic(self.dir / f"iter{t}" / "records.jsonl", kept)
+        atomic_write_jsonl(self.dir / f"iter{t}" / "records.jsonl", kept)
         return {"counts": counts}
 
-    def train(self, t: int) -> dict:
-        source = self.base_checkpoint() if self.cfg.train_from == "base" or t == 1 else self.final_checkpoint(t - 1)
-        args = [override("checkpoint", str(source)), override("data.records", str(self.dir / f"iter{t}" / "records.jsonl")),
+    def train_source(self, t: int) -> Path:
+        """The checkpoint iteration t trains from: the base model, or with ``train_from=previous``
+        the last iteration's."""
+        return self.base_checkpoint() if self.cfg.train_from == "base" or t == 1 else self.final_checkpoint(t - 1)
+
+    def train_args(self, t: int) -> list[str]:
+        """sami-train's overrides for iteration t: the driver's own keys, then only what the user or
+        the recipe set in the train: section (everything else is sami-train's default)."""
+        return [override("checkpoint", str(self.train_source(t))),
+                override("data.records", str(self.dir / f"iter{t}" / "records.jsonl")),
                 override("run_dir", str(self.train_dir(t))), f"template={self.cfg.template.name}",
                 *[override(k, v) for k, v in flatten(self.cfg.train).items()]]
-        self.launch(f"iter{t}/train", "megatron_sami.cli.train", args)
+
+    def train(self, t: int) -> dict:
+        source = self.train_source(t)
+        self.launch(f"iter{t}/train", "megatron_sami.cli.train", self.train_args(t))
         metrics = (self.train_dir(t) / "metrics.jsonl").read_text().splitlines()
         return {"checkpoint": str(self.final_checkpoint(t)), "trained_from": str(source),
                 "last_step": json.loads(metrics[-1])}
@@ -364,24 +411,18 @@ class Run:
         return {"hf": str(self.model_hf(t))}
 
     def evaluate(self, t: int) -> dict:
-        model_dir = self.model_hf(t)
-        generation = self.eval_generation()
-        results = {}
-        for split in self.eval_splits():
-            label = "learned" if split == "train" else "heldout"
-            shards = generate_records(self.backend_factory(model_dir, generation), self.queries("eval"), self.cset,
-                                      self.eval_sampling(split), self.cfg.template,
-                                      self.dir / "eval" / f"iter{t}-{label}", generation.shard_size,
-                                      self.cfg.seed, sample=evaluation_constitutions, before_shard=self.check_stop)
-            records = [parse_record(json.dumps(row), f"eval iter{t}") for row in read_shards(shards)
-                       if all(r.strip() for r in row["responses"])]
-            if not records:
-                raise SamiError(f"iteration {t}: every evaluation response was empty; raise max_new_tokens.")
-            results[label] = mi.evaluate_records(model_dir, records, self.cfg.template)
+        model_dir, generation = self.model_hf(t), self.eval_generation()
+        results = mi.evaluate_model(model_dir, self.queries("eval"), self.cset, self.cfg.template, generation,
+                                    self.cfg.evaluation.principles_per_query,
+                                    lambda split: self.dir / "eval" / f"iter{t}-{split_label(split)}",
+                                    self.cfg.seed, f"iteration {t}",
+                                    backend_factory=self.backend_factory(model_dir, generation),
+                                    before_shard=self.check_stop)
+        for label, result in results.items():
+            bound, paper = result["info_nce_bound"], result["paper_mi"]
             logger.info("[iterate] iter%d MI (%s principles, %d queries): InfoNCE bound %.3f +- %.3f nats, paper "
-                        "estimator %.2f +- %.2f nats", t, label, len(records), results[label]["info_nce_bound"]["mean"],
-                        results[label]["info_nce_bound"]["se"], results[label]["paper_mi"]["mean"],
-                        results[label]["paper_mi"]["se"])
+                        "estimator %.2f +- %.2f nats", t, label, bound["n"], bound["mean"], bound["se"],
+                        paper["mean"], paper["se"])
         return {"mi": results}
 
     # -- win rates ----------------------------------------------------------------------------------
@@ -455,7 +496,7 @@ class Run:
 
     def write_summary(self) -> None:
         summary = self.summary()
-        write_json_atomic(self.dir / "summary.json", summary)
+        atomic_write_json(self.dir / "summary.json", summary)
         if any("mi" in row for row in summary["iterations"]):
             mi.plot_mi(summary["iterations"], self.dir / "mi.png")
         rows = winrate_rows(summary["iterations"])
@@ -479,19 +520,13 @@ class Run:
             for index, label in ((0, "positive"), (len(row["constitutions"]) - 1, "negative")):
                 lines += [f"### {label} constitution", "", "```", row["constitutions"][index], "```", "",
                           f"- base: {row['responses'][index]}", f"- iteration {last}: {other['responses'][index]}", ""]
-        (self.dir / "samples.md").write_text("\n".join(lines))
+        atomic_write_text(self.dir / "samples.md", "\n".join(lines))
 
 
 def winrate_rows(iterations: list[dict]) -> list[dict]:
     """Flatten summary rows into {label, iteration, baseline, result} for tables and plots."""
     return [{"label": f"iter{row['iteration']}", "iteration": row["iteration"], "baseline": baseline, "result": result}
             for row in iterations for baseline, result in row.get("winrate", {}).items()]
-
-
-def write_json_atomic(path: Path, value: dict) -> None:
-    staging = path.with_name(path.name + ".incomplete")
-    staging.write_text(json.dumps(value, indent=2) + "\n")
-    staging.replace(path)
 
 
 def run_iterations(cfg: IterateConfig, resolved_yaml: str) -> dict:

@@ -1,10 +1,13 @@
-"""What an expert-iteration run measured, in a few lines (``bash scripts/demo.sh`` prints it).
+"""What an expert-iteration run measured, read from the run directory that
+:func:`megatron_sami.iteration.driver.run_iterations` wrote.
 
-Filter counts, the last training step of each iteration, both MI estimators of the base model
-and the last iteration, the win rates, and the side-by-side samples, read from the run
-directory that :func:`megatron_sami.iteration.driver.run_iterations` wrote.
+:func:`report` prints, in a few lines (``bash scripts/demo.sh`` shows it), the filter counts, the
+last training step of each iteration, both MI estimators of the base model and the last
+iteration, the win rates, and the side-by-side samples:
 
     python -m megatron_sami.iteration.report --run-dir RUN_DIR
+
+:func:`mi_of_run` and :func:`winrate_of_run` are ``sami-eval``'s ``--run-dir`` modes.
 """
 
 from __future__ import annotations
@@ -14,9 +17,16 @@ import json
 import sys
 from pathlib import Path
 
+from megatron_sami.errors import SamiError
+from megatron_sami.evaluation.judge import JudgeConfig
+
 
 def report(run_dir: Path) -> int:
-    """Print the run's summary; returns 0 when the run is complete, 1 otherwise.\n\n    Raises:\n        FileNotFoundError: ``run_dir`` has no ``summary.json`` (the run has not started).\n    """
+    """Print the run's summary; returns 0 when the run is complete, 1 otherwise.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` has no ``summary.json`` (the run has not started).
+    """
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [row for row in summary["iterations"] if "mi" in row]
     for row in summary["iterations"]:
@@ -41,7 +51,68 @@ def report(run_dir: Path) -> int:
     return 0 if summary["complete"] else 1
 
 
+def mi_of_run(run_dir: Path) -> list[dict]:
+    """The summary rows of a run that hold MI estimates (``{"iteration", "mi", ...}``), plotted
+    to ``run_dir/mi.png``.
+
+    Raises:
+        SamiError: ``run_dir`` has no ``summary.json`` or no MI evaluation yet.
+    """
+    from megatron_sami.evaluation import mi
+
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise SamiError(f"{run_dir} has no summary.json; is it a sami-iterate run directory?")
+    rows = [row for row in json.loads(summary_path.read_text())["iterations"] if "mi" in row]
+    if not rows:
+        raise SamiError(f"{run_dir} has no MI evaluations yet (evaluation.enabled=false, or no phase "
+                        f"finished).")
+    mi.plot_mi(rows, run_dir / "mi.png")
+    return rows
+
+
+def winrate_of_run(run_dir: Path, judge: JudgeConfig, baselines: list[str], position_seed: int) -> list[dict]:
+    """Every exported iteration of a run judged against each baseline, as ``sami-iterate``'s
+    winrate phase does (:meth:`~megatron_sami.iteration.driver.Run.winrate`), into
+    ``run_dir/winrate/``; plotted to ``run_dir/winrate.png``.
+
+    Args:
+        baselines: ``base`` or ``LABEL=HF_DIR`` each; empty: the run's ``winrate.baselines``.
+        position_seed: the A/B placement seed.
+
+    Returns:
+        One row per (iteration, baseline): ``{"label", "iteration", "baseline", "result"}``.
+
+    Raises:
+        SamiError: ``run_dir`` is not a run directory, or has no exported iteration yet.
+        ConfigError: a malformed baseline, or a run configuration that no longer validates.
+        JudgeError: the judge is unreachable while some comparison is not cached.
+    """
+    from omegaconf import OmegaConf
+
+    from megatron_sami.evaluation.pairwise import parse_baselines, plot_winrates
+    from megatron_sami.iteration.driver import IterateConfig, Run, winrate_rows
+    from megatron_sami.typed_config import to_typed
+
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise SamiError(f"{run_dir} has no config.yaml; is it a sami-iterate run directory?")
+    cfg = to_typed(IterateConfig, OmegaConf.load(config_file), "iterate")
+    if baselines:
+        parse_baselines(baselines)
+        cfg.winrate.baselines = list(baselines)
+    cfg.winrate.seed = position_seed
+    run = Run(cfg, None)
+    exported = [t for t in range(1, cfg.iterations + 1) if (run.model_hf(t) / "config.json").is_file()]
+    if not exported:
+        raise SamiError(f"{run_dir} has no exported iteration yet (iterN/hf); let sami-iterate finish one.")
+    rows = winrate_rows([{"iteration": t, "winrate": run.winrate(t, judge)} for t in exported])
+    plot_winrates(rows, run_dir / "winrate.png")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_sami.iteration.report --run-dir RUN``: :func:`report`'s exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, required=True)
     return report(parser.parse_args(argv).run_dir)

@@ -33,16 +33,19 @@ class Backend:
 
     @classmethod
     def detect(cls) -> Backend:
+        """Transformer Engine where it imports and CUDA is present; otherwise the local spec."""
         on_gpu = torch.cuda.is_available()
         has_te = importlib.util.find_spec("transformer_engine") is not None
         return cls(use_te=on_gpu and has_te, on_gpu=on_gpu)
 
     @property
     def moe_dispatcher(self) -> str:
+        """alltoall on GPU; allgather on CPU (alltoall does not work over gloo)."""
         return "alltoall" if self.on_gpu else "allgather"
 
     @property
     def moe_grouped_gemm(self) -> bool:
+        """Grouped expert GEMMs, which need Transformer Engine."""
         return self.use_te
 
 
@@ -54,31 +57,42 @@ def transformer_config(
     recompute_activations: bool = False,
     initialize_weights: bool = True,
 ):
-    """The megatron-core ``TransformerConfig`` for one model under one layout."""
+    """The megatron-core ``TransformerConfig`` for one model under one layout.
+
+    Raises:
+        ConfigError: FP8 without the Transformer Engine spec, or precision the hardware lacks.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     precision.check_hardware()
     if precision.fp8 is not None and not backend.use_te:
         raise ConfigError("precision.fp8 needs the Transformer Engine layer spec (TE + CUDA); set precision.fp8=null.")
     dtype = _DTYPES[precision.params_dtype]
-    moe = {}
-    if model.is_moe:
-        moe = dict(
-            num_moe_experts=model.num_experts,
-            moe_router_topk=model.moe_router_topk,
-            moe_ffn_hidden_size=model.ffn_hidden_size,
-            moe_token_dispatcher_type=backend.moe_dispatcher,
-            moe_grouped_gemm=backend.moe_grouped_gemm,
-            # Fine-tuning from a pretrained router: no auxiliary loss, no token dropping.
-            moe_router_load_balancing_type="none",
-            moe_aux_loss_coeff=0.0,
-        )
-    window = None
-    if model.sliding_window is not None and backend.use_te:
-        window = (model.sliding_window, 0)
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if recompute_activations else {}
     return TransformerConfig(
+        **_architecture(model),
+        **_kernels(model, backend),
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        expert_model_parallel_size=parallel.expert,
+        context_parallel_size=parallel.context,
+        sequence_parallel=parallel.sequence_parallel,
+        use_cpu_initialization=not backend.on_gpu,
+        perform_initialization=initialize_weights,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp8=precision.fp8,
+        fp8_recipe=precision.fp8_recipe,
+        **_moe(model, backend),
+        **recompute,
+    )
+
+
+def _architecture(model: ModelConfig) -> dict:
+    """The Llama-family block: RMSNorm, SwiGLU, no biases, no dropout (fine-tuning)."""
+    return dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -94,6 +108,16 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
+    )
+
+
+def _kernels(model: ModelConfig, backend: Backend) -> dict:
+    """Fused kernels where this machine has them (GPU; Transformer Engine), and the sliding
+    window, which only Transformer Engine's attention applies."""
+    window = None
+    if model.sliding_window is not None and backend.use_te:
+        window = (model.sliding_window, 0)
+    return dict(
         bias_activation_fusion=backend.on_gpu,
         bias_dropout_fusion=backend.on_gpu,
         masked_softmax_fusion=backend.on_gpu,
@@ -101,24 +125,28 @@ def transformer_config(
         gradient_accumulation_fusion=False,
         persist_layer_norm=backend.use_te,
         window_size=window,
-        tensor_model_parallel_size=parallel.tensor,
-        pipeline_model_parallel_size=parallel.pipeline,
-        expert_model_parallel_size=parallel.expert,
-        context_parallel_size=parallel.context,
-        sequence_parallel=parallel.sequence_parallel,
-        use_cpu_initialization=not backend.on_gpu,
-        perform_initialization=initialize_weights,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=dtype == torch.bfloat16,
-        fp8=precision.fp8,
-        fp8_recipe=precision.fp8_recipe,
-        **moe,
-        **recompute,
+    )
+
+
+def _moe(model: ModelConfig, backend: Backend) -> dict:
+    """The mixture-of-experts settings (none for a dense model)."""
+    if not model.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.ffn_hidden_size,
+        moe_token_dispatcher_type=backend.moe_dispatcher,
+        moe_grouped_gemm=backend.moe_grouped_gemm,
+        # Fine-tuning from a pretrained router: no auxiliary loss, no token dropping.
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
     )
 
 
 def layer_spec(model: ModelConfig, backend: Backend, fp8: str | None = None):
+    """The transformer layer's ``ModuleSpec``: Transformer Engine's, or megatron-core's local one
+    with the project's SDPA core attention (see :mod:`megatron_sami.models.sdpa_attention`)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if backend.use_te:
@@ -147,6 +175,12 @@ def build_gpt_model(
     """Build this rank's part of ``GPTModel`` (its pipeline stage, its TP/EP shards).
 
     Requires :func:`megatron_sami.runtime.initialize` to have set up the parallel state.
+    ``seq_length`` is the longest sequence (tokens) the model will run on.
+
+    Raises:
+        ConfigError: ``seq_length`` exceeds the model's positions or (local spec) its sliding
+            window; sequence parallelism or FP8 without Transformer Engine; precision the
+            hardware lacks.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel

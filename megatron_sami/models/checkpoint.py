@@ -22,15 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import CheckpointError
+from megatron_sami.io import fsync_dir
 
 # Threads writing a lazily saved checkpoint: while one reads a chunk from the source files, the
 # other writes; each holds one chunk, so a process holds about two.
 WRITER_THREADS = 2
-
-
-class CheckpointError(SamiError):
-    """A checkpoint is missing, incomplete, or does not match the model."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +58,11 @@ class FileBytes:
 
 def read_exactly(descriptor: int, offset: int, out: torch.Tensor) -> None:
     """Fill the contiguous tensor ``out`` with a file's bytes from ``offset`` (positional reads,
-    safe from several threads)."""
+    safe from several threads).
+
+    Raises:
+        CheckpointError: the file ends before ``out`` is full.
+    """
     buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     done = 0
     while done < len(buffer):  # one read returns at most about 2 GB
@@ -80,6 +81,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_rank0() -> bool:
+    """Whether this process is global rank 0 (the one that writes shared files)."""
     return dist.get_rank() == 0
 
 
@@ -104,13 +106,19 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
         previous = out_dir.with_name(out_dir.name + ".replaced")
         if out_dir.exists():
             out_dir.rename(previous)
+        fsync_dir(staging)  # the names written into it, then its own new name: durable after a crash
         staging.rename(out_dir)
+        fsync_dir(out_dir.parent)
         shutil.rmtree(previous, ignore_errors=True)
     dist.barrier()
 
 
 def save_model(model: torch.nn.Module, directory: str | Path) -> Path:
-    """Save the model's weights as a distributed checkpoint at ``directory`` (collective)."""
+    """Save the model's weights as a distributed checkpoint at ``directory`` (collective).
+
+    Raises:
+        CheckpointError: ``directory`` already exists.
+    """
     final = Path(directory)
     if final.exists():
         raise CheckpointError(f"{final} already exists; remove it or choose another directory.")
@@ -136,7 +144,11 @@ def _make_directory(directory: Path) -> None:
 
 
 def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> None:
-    """Fill the model from a distributed checkpoint saved at any layout (collective)."""
+    """Fill the model from a distributed checkpoint saved at any layout (collective).
+
+    Raises:
+        CheckpointError: no checkpoint at ``directory``, or it does not fit the model.
+    """
     from megatron.core import dist_checkpointing
 
     path = Path(directory)
@@ -176,10 +188,7 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
     from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict,
-    )
+    from megatron.core.dist_checkpointing.strategies.torch import mcore_to_pyt_state_dict
     from torch.distributed.checkpoint import save as dcp_save
 
     bare = unwrap(model)
@@ -190,9 +199,9 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
     sources = {}
     for item in nested_values(sharded):
         if isinstance(item, ShardedTensor):
-            base = item.data if item.data._base is None else item.data._base
+            base = _viewed_tensor(item.data)
             sources[(item.key, tuple(item.global_offset))] = (names.get(id(base)), base, item.data)
-    by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    by_key = _by_sharded_key(sharded)
     _make_directory(directory)
     # torch.save's per-record CRC32 halves the writing speed, and torch.load never checks it (a
     # flipped data byte loads silently, with or without it), so it protects nothing here.
@@ -206,6 +215,22 @@ def save_weights_lazily(model: torch.nn.Module, directory: Path,
     if is_rank0():
         save_config(CheckpointingConfig("torch_dist", 1), str(directory))
     dist.barrier()
+
+
+def _by_sharded_key(sharded: dict) -> dict:
+    """The sharded state dict keyed by each tensor's checkpoint key, main replicas only, as
+    megatron-core's own torch_dist save strategy keys it. Private API of megatron-core 0.19.x
+    (``strategies.torch._replace_state_dict_keys_with_sharded_keys``)."""
+    from megatron.core.dist_checkpointing.strategies.torch import _replace_state_dict_keys_with_sharded_keys
+
+    by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded, keep_only_main_replica=True)
+    return by_key
+
+
+def _viewed_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor ``tensor`` is a view of, or ``tensor`` itself. Private attribute of torch 2.13
+    (``Tensor._base``)."""
+    return tensor if tensor._base is None else tensor._base
 
 
 def _row_range(base: torch.Tensor, view: torch.Tensor) -> tuple[int, int] | None:
@@ -255,38 +280,15 @@ def _streaming_writer(directory: Path):
     """torch DCP's file-per-thread writer with its own loop over a file's items: each tensor is
     dropped as soon as it is written (torch's loop keeps a file's tensors until the file is
     closed), and a failure in any writer thread fails the save instead of ending that thread."""
-    import queue
-
     from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.filesystem import _write_item
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class StreamingWriter(FileSystemWriter):
-        def _write_data(self, planner, file_queue: queue.Queue) -> torch.futures.Future:
-            results, errors = [], []
-
-            def work() -> None:
-                try:
-                    while True:
-                        try:
-                            path, file_name, items = file_queue.get_nowait()
-                        except queue.Empty:
-                            return
-                        results.extend(self._write_file(planner, path, file_name, items))
-                except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
-                    errors.append(err)
-
-            threads = [threading.Thread(target=work, daemon=True) for _ in range(self.thread_count - 1)]
-            for thread in threads:
-                thread.start()
-            work()
-            for thread in threads:
-                thread.join()
-            if errors:
-                raise errors[0]
-            future: torch.futures.Future = torch.futures.Future()
-            future.set_result(results)
-            return future
+        def _write_data(self, planner, file_queue) -> torch.futures.Future:
+            # Overrides a private method of torch 2.13's FileSystemWriter: it receives the queue
+            # of (path, file name, write items) and returns a Future of the WriteResults.
+            return _write_queued_files(self.thread_count, file_queue,
+                                       lambda path, file_name, items: self._write_file(planner, path, file_name, items))
 
         def _write_file(self, planner, path, file_name: str, items: list) -> list:
             written = []
@@ -301,8 +303,7 @@ def _streaming_writer(directory: Path):
                         data = data.detach()
                         if data.untyped_storage().nbytes() != data.nbytes:
                             data = data.clone()  # torch.save writes a view's whole storage
-                    written.append(_write_item(self.transforms, stream, data, item, file_name,
-                                               self.serialization_format))
+                    written.append(_write_tensor_item(self, stream, data, item, file_name))
                     del data
                 if self.sync_files:
                     stream.flush()
@@ -312,11 +313,59 @@ def _streaming_writer(directory: Path):
     return StreamingWriter(str(directory), single_file_per_rank=True, thread_count=WRITER_THREADS)
 
 
+def _write_queued_files(thread_count: int, file_queue, write_file: Callable[[str, str, list], list]):
+    """Run ``write_file(path, file_name, items)`` for each entry of ``file_queue`` on
+    ``thread_count`` threads (this one included); a Future of all their results. The first
+    failure in any thread is raised here."""
+    import queue
+
+    results, errors = [], []
+
+    def work() -> None:
+        try:
+            while True:
+                try:
+                    path, file_name, items = file_queue.get_nowait()
+                except queue.Empty:
+                    return
+                results.extend(write_file(path, file_name, items))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(thread_count - 1)]
+    for thread in threads:
+        thread.start()
+    work()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    future: torch.futures.Future = torch.futures.Future()
+    future.set_result(results)
+    return future
+
+
+def _write_tensor_item(writer, stream, data, write_item, file_name: str):
+    """Write one tensor or bytes item as torch DCP's file writer does, with ``writer``'s
+    transforms and serialization format; returns its WriteResult. Private API of torch 2.13
+    (``torch.distributed.checkpoint.filesystem._write_item`` and the writer's attributes)."""
+    from torch.distributed.checkpoint.filesystem import _write_item
+
+    return _write_item(writer.transforms, stream, data, write_item, file_name, writer.serialization_format)
+
+
+def _storage_info(file_name: str, offset: int, length: int):
+    """DCP's record of where an item lies (relative file name, byte offset, byte count). Private
+    API of torch 2.13 (``torch.distributed.checkpoint.filesystem._StorageInfo``)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo(file_name, offset, length)
+
+
 def _copy_file_bytes(stream, path, chunk: FileBytes, write_item, file_name: str):
     """Append the record torch.save would write for ``chunk`` to ``stream``, its bytes copied
     from their source files inside the kernel; returns the DCP write result. torch.save under
     ``skip_data`` writes the record with a gap where the bytes go (zero pieces stay that gap)."""
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.storage import WriteResult
 
     start = stream.tell()
@@ -335,7 +384,7 @@ def _copy_file_bytes(stream, path, chunk: FileBytes, write_item, file_name: str)
                                       "source and output file systems and storage, then run again.") from err
         position += nbytes
     return WriteResult(index=write_item.index, size_in_bytes=length,
-                       storage_data=_StorageInfo(file_name, start, length))
+                       storage_data=_storage_info(file_name, start, length))
 
 
 def _storage_bytes_offset(path, start: int, length: int, nbytes: int) -> int:

@@ -29,6 +29,9 @@ class RopeScalingConfig:
     ``llama3`` is Llama 3.1's band-wise scaling; Megatron implements it with fixed
     low/high frequency factors 1 and 4 and 8192 original positions, so other values are
     refused rather than silently changed. ``linear`` is position interpolation.
+
+    Raises:
+        ConfigError: an unknown type, a factor <= 0, or llama3 factors Megatron does not implement.
     """
 
     type: str = "none"
@@ -57,7 +60,14 @@ class RopeScalingConfig:
 
 @dataclass
 class ModelConfig:
-    """Architecture of one decoder-only model (Llama / Mistral / Mixtral family)."""
+    """Architecture of one decoder-only model (Llama / Mistral / Mixtral family); sizes in
+    elements (heads, channels, tokens).
+
+    Raises:
+        ConfigError: an unknown family, a size <= 0, heads not a multiple of the query groups,
+            a hidden size heads do not divide (without ``head_dim``), bad MoE expert counts, or
+            a sliding window <= 0.
+    """
 
     name: str = MISSING
     family: str = MISSING
@@ -111,10 +121,12 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
+        """Whether the MLP is a mixture of ``num_experts`` experts."""
         return self.num_experts is not None
 
     @property
     def kv_channels(self) -> int:
+        """Channels per attention head: ``head_dim``, else hidden_size / num_attention_heads."""
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self) -> int:
@@ -152,7 +164,11 @@ class ModelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Parameter dtype and optional FP8 (Transformer Engine, Hopper or newer)."""
+    """Parameter dtype and optional FP8 (Transformer Engine, Hopper or newer).
+
+    Raises:
+        ConfigError: an unsupported ``params_dtype`` (fp16 included), FP8 format or FP8 recipe.
+    """
 
     params_dtype: str = "bf16"
     fp8: str | None = None
@@ -170,7 +186,12 @@ class PrecisionConfig:
             raise ConfigError(f"precision.fp8_recipe '{self.fp8_recipe}' is unknown; use one of {', '.join(FP8_RECIPES)}.")
 
     def check_hardware(self) -> None:
-        """Refuse FP8 where it cannot run, before any model is built."""
+        """Refuse FP8 where it cannot run, before any model is built.
+
+        Raises:
+            ConfigError: FP8 without Transformer Engine, without a CUDA GPU, or on a GPU older
+                than the recipe needs (8.9; mxfp8: 10.0).
+        """
         if self.fp8 is None:
             return
         if importlib.util.find_spec("transformer_engine") is None:

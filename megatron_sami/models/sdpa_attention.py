@@ -22,9 +22,17 @@ from megatron.core.transformer.module import MegatronModule
 
 
 class SDPAttention(MegatronModule):
+    """Megatron's ``core_attention`` interface over torch's fused SDPA (module docstring)."""
+
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: float | None = None, softmax_scale: float | None = None,
                  cp_comm_type: str | None = None, pg_collection=None) -> None:
+        """Megatron's ``DotProductAttention`` arguments; heads and groups are this TP rank's.
+
+        Raises:
+            ValueError: context parallelism, a sliding window, or query-key layer scaling (the
+                Transformer Engine spec covers them).
+        """
         super().__init__(config=config)
         from megatron.core.parallel_state import get_tensor_model_parallel_world_size
 
@@ -45,11 +53,24 @@ class SDPAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                 attn_mask_type: AttnMaskType | None = None, attention_bias=None, packed_seq_params=None,
                 **unused) -> torch.Tensor:
+        """Attention of one layer.
+
+        Args:
+            query: [s, b, heads, dim]; ``key``, ``value``: [s, b, groups, dim].
+            attention_mask: None (causal), or [b or 1, 1, s, s] bool with True = masked out
+                (megatron's convention), used as given.
+
+        Returns:
+            [s, b, heads * dim].
+
+        Raises:
+            ValueError: an attention bias or packed sequences.
+        """
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("SDPAttention supports neither attention bias nor packed sequences.")
         mask_type = attn_mask_type or self.attn_mask_type
         # A mask given with the forward call is used as is, also in a causal layer: the SAMI step
-        # passes one only for shared prompts, where it is block-causal (see sami/shared_prompt.py).
+        # passes one only for shared prompts, where it is block-causal (see alignment/shared_prompt.py).
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         if attention_mask is not None:
             attention_mask = ~attention_mask  # megatron masks True positions; SDPA keeps True positions

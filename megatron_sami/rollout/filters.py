@@ -7,6 +7,10 @@ A record is dropped for the first rule it breaks, checked in this order:
 - ``debris``: a response contains template debris (e.g. "[insert", "Human:");
 - ``no_sentence_end``: the positive response (constitution 0) does not end a sentence;
 - ``identical``: the positive response equals one of the negative responses.
+
+The debris, sentence-end and identical rules are the filters of Fränken et al. 2024,
+"Self-Supervised Alignment with Mutual Information: Learning to Follow Principles without
+Preference Labels", arXiv:2404.14313.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ REASONS = ("empty", "truncated", "debris", "no_sentence_end", "identical")
 
 @dataclass
 class FilterConfig:
+    """The rules' settings (``filters.*``); the module docstring lists the rules."""
+
     debris: list[str] = field(default_factory=lambda: ["[insert", "Response:", "Human:", "Assistant:",
                                                        "Constitution:", "<|im_start|>", "POST:"])
     drop_truncated: bool = True
@@ -29,11 +35,13 @@ class FilterConfig:
 
 
 def ends_sentence(text: str, cfg: FilterConfig) -> bool:
+    """Whether ``text`` ends with a ``sentence_end`` character (closing quotes or brackets may follow)."""
     stripped = text.rstrip().rstrip(cfg.closing)
     return bool(stripped) and stripped[-1] in cfg.sentence_end
 
 
 def rejection_reason(record: dict, cfg: FilterConfig) -> str | None:
+    """The first rule a generated record (``responses``, ``metadata.finished``) breaks, or None."""
     responses = [r.strip() for r in record["responses"]]
     finished = record.get("metadata", {}).get("finished", [True] * len(responses))
     if any(not r for r in responses):

@@ -5,7 +5,7 @@ Backends (``generation.backend``):
 - ``hf``: transformers ``generate`` on an HF directory, batched, on CPU or one GPU.
 - ``vllm``: offline ``vllm.LLM`` with tensor parallelism on an HF directory (an optional extra
   for GPU clusters; refused with a sentence where vLLM is not installed).
-- ``megatron``: reserved for megatron-core's inference engine (GPU); refused for now.
+- ``megatron``: reserved for Megatron-Core's inference engine (GPU); refused for now.
 
 Each backend returns, per prompt, the response text cut at the first stop string and whether it
 *finished* (EOS or a stop string) rather than running into ``max_new_tokens``.
@@ -14,7 +14,6 @@ Each backend returns, per prompt, the response text cut at the first stop string
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from megatron_sami.alignment.data import PromptTemplate
 from megatron_sami.errors import ConfigError, EnvironmentSetupError
+from megatron_sami.io import atomic_write_jsonl
 from megatron_sami.rollout.constitutions import ConstitutionSet, SamplingConfig, sample_constitutions
 from megatron_sami.rollout.queries import Query
 from megatron_sami.runtime.distributed import logger
@@ -32,9 +32,16 @@ BACKENDS = ("hf", "vllm", "megatron")
 
 @dataclass
 class GenerationConfig:
+    """How responses are generated (``generation.*``); the defaults are greedy decoding with 350
+    new tokens, as in Fränken et al. 2024, arXiv:2404.14313.
+
+    Raises:
+        ConfigError: an unknown backend, a size < 1, a negative temperature or top_p outside (0, 1].
+    """
+
     backend: str = "hf"
     max_new_tokens: int = 350
-    temperature: float = 0.0  # 0: greedy (the paper)
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=lambda: ["\n\nHuman:", "\nHuman:", "<|im_end|>"])
     batch_size: int = 16
@@ -54,6 +61,9 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Completion:
+    """One response: its text (stripped, cut at a stop string), whether it ended by itself (EOS
+    or a stop string) rather than at ``max_new_tokens``, and its number of tokens."""
+
     text: str
     finished: bool
     num_tokens: int
@@ -71,6 +81,8 @@ class HFBackend:
     """transformers ``generate``; left padding so a batch of prompts decodes together."""
 
     def __init__(self, model_dir: str | Path, cfg: GenerationConfig) -> None:
+        """Load the HF model in ``model_dir`` on the GPU when there is one (``cfg.dtype``; auto:
+        bf16 on GPU, fp32 on CPU)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,6 +100,7 @@ class HFBackend:
         self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(self.device).eval()
 
     def generate(self, prompts: list[str]) -> list[Completion]:
+        """One completion per prompt, in order, ``cfg.batch_size`` prompts at a time."""
         import torch
 
         results: list[Completion] = []
@@ -127,6 +140,11 @@ class VLLMBackend:
     """Offline vLLM with tensor parallelism: the backend for GPU clusters."""
 
     def __init__(self, model_dir: str | Path, cfg: GenerationConfig) -> None:
+        """Start ``vllm.LLM`` on ``model_dir`` over ``cfg.tensor_parallel`` GPUs.
+
+        Raises:
+            EnvironmentSetupError: vLLM is not installed.
+        """
         try:
             import vllm
         except ImportError as err:
@@ -141,24 +159,35 @@ class VLLMBackend:
                                           seed=cfg.seed)
 
     def generate(self, prompts: list[str]) -> list[Completion]:
+        """One completion per prompt, in order."""
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [Completion(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "stop",
                            len(o.outputs[0].token_ids)) for o in outputs]
 
 
 def check_backend_available(cfg: GenerationConfig) -> None:
-    """Refuse a backend that cannot run here, before any work is done."""
+    """Refuse a backend that cannot run here, before any work is done.
+
+    Raises:
+        EnvironmentSetupError: ``vllm`` without vLLM installed, or ``megatron`` (not available yet).
+    """
     import importlib.util
 
     if cfg.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise EnvironmentSetupError("generation backend 'vllm' is not installed; install vllm on the GPU machines "
                                     "(pip install vllm) or use generation.backend=hf.")
     if cfg.backend == "megatron":
-        raise EnvironmentSetupError("generation backend 'megatron' (megatron-core's inference engine) is not "
+        raise EnvironmentSetupError("generation backend 'megatron' (Megatron-Core's inference engine) is not "
                                     "available in this version; use generation.backend=hf or vllm.")
 
 
 def make_backend(model_dir: str | Path, cfg: GenerationConfig):
+    """The ``cfg.backend`` backend (:class:`HFBackend` or :class:`VLLMBackend`) on ``model_dir``.
+
+    Raises:
+        ConfigError: ``model_dir`` is not an HF model directory.
+        EnvironmentSetupError: as :func:`check_backend_available`.
+    """
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"{model_dir} is not an HF model directory (no config.json); export the checkpoint first.")
     check_backend_available(cfg)
@@ -170,17 +199,8 @@ def query_rng(seed: int, query: Query) -> random.Random:
     return random.Random(f"{seed}:{query.id}")
 
 
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    staging = path.with_name(path.name + ".incomplete")
-    with staging.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    staging.replace(path)
-
-
 def shard_path(out_dir: Path, index: int) -> Path:
+    """``out_dir/shard-NNNNN.jsonl``."""
     return out_dir / f"shard-{index:05d}.jsonl"
 
 
@@ -189,8 +209,19 @@ def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSe
                      sample=sample_constitutions, before_shard=None) -> list[Path]:
     """Records (one per query, C responses) in shards; completed shards are kept and skipped.
 
+    Queries are cut into shards of ``shard_size`` under ``out_dir``. Each query's constitutions
+    are drawn by ``sample(cset, sampling, rng)`` (default :func:`sample_constitutions`) with
+    :func:`query_rng` of ``seed``, so a rerun draws the same ones. A record row is
+    ``{"id", "query", "constitutions", "responses", "metadata": {"principles", "signs",
+    "finished", "num_tokens"}}``.
     ``backend_factory`` is called only when a shard is missing, so a finished phase loads no model.
     ``before_shard()`` runs before each shard (the driver raises there when asked to stop).
+
+    Returns:
+        The shard paths, in query order.
+
+    Raises:
+        ConfigError: as ``sample``; whatever ``backend_factory`` and ``before_shard`` raise.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     shards = [queries[i:i + shard_size] for i in range(0, len(queries), shard_size)]
@@ -204,7 +235,7 @@ def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSe
         if before_shard is not None:
             before_shard()
         rows = _generate_shard(backend, shards[index], cset, sampling, template, seed, sample)
-        write_jsonl_atomic(paths[index], rows)
+        atomic_write_jsonl(paths[index], rows)
         total_tokens += sum(sum(r["metadata"]["num_tokens"]) for r in rows)
         elapsed = time.perf_counter() - start
         logger.info("generation shard %d/%d: %d queries x %d responses, %.0f tokens/s, ETA %.0f s", index + 1,
@@ -232,6 +263,7 @@ def _generate_shard(backend, shard: list[Query], cset: ConstitutionSet, sampling
 
 
 def read_shards(paths: list[Path]) -> list[dict]:
+    """Every row of the JSONL files, in order."""
     rows = []
     for path in paths:
         with path.open() as handle:

@@ -17,24 +17,24 @@ from dataclasses import dataclass
 
 import yaml
 
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import PrincipleWriterError as PrincipleWriterError  # re-exported
 from megatron_sami.rollout.constitutions import ConstitutionSet
 
 PAIR = re.compile(r"Principle:\s*(?P<definition>[^\n]+)\s*\n\s*Antithesis:\s*(?P<antithesis>[^\n]+)", re.IGNORECASE)
 MAX_WORDS = 40
 
 
-class PrincipleWriterError(SamiError):
-    pass
-
-
 @dataclass(frozen=True)
 class Draft:
+    """One drafted principle and its antithesis."""
+
     definition: str
     antithesis: str
 
 
 def writer_prompt(seed_prompt: str, examples: ConstitutionSet, count: int) -> str:
+    """The writer's prompt: the seed instruction, a request for ``count`` principles, and the
+    examples' principles in the line format, ending in ``Principle:``."""
     shown = "\n\n".join(f"Principle: {p.definition}\nAntithesis: {p.antithesis}" for p in examples.principles)
     return (f"{seed_prompt.strip()}\n\nWrite {count} new principles, each followed by its antithesis (its opposite), "
             f"one sentence each, in exactly this format:\n\n{shown}\n\nPrinciple:")
@@ -47,6 +47,8 @@ def parse_drafts(text: str) -> list[Draft]:
 
 
 def rejection(draft: Draft, seen: set[str]) -> str | None:
+    """Why a draft is rejected (empty, too long, antithesis equals principle, duplicate of
+    ``seen`` lower-cased definitions), or None."""
     if not draft.definition or not draft.antithesis:
         return "empty"
     if len(draft.definition.split()) > MAX_WORDS or len(draft.antithesis.split()) > MAX_WORDS:
@@ -59,6 +61,8 @@ def rejection(draft: Draft, seen: set[str]) -> str | None:
 
 
 def accept(drafts: list[Draft], existing: set[str]) -> tuple[list[Draft], dict[str, int]]:
+    """(accepted drafts in order, rejections counted by reason); ``existing``: lower-cased
+    definitions already in use."""
     kept, rejected, seen = [], {}, set(existing)
     for draft in drafts:
         reason = rejection(draft, seen)
@@ -71,6 +75,8 @@ def accept(drafts: list[Draft], existing: set[str]) -> tuple[list[Draft], dict[s
 
 
 def to_constitution_yaml(name: str, task: str, drafts: list[Draft], heldout: int = 0) -> str:
+    """A constitution set file (``configs/constitutions/`` format) of the drafts, the last
+    ``heldout`` of them in the ``heldout`` split."""
     principles = [{"name": f"{name}-{index:02d}", "definition": d.definition, "antithesis": d.antithesis,
                    "split": "heldout" if index >= len(drafts) - heldout else "train"}
                   for index, d in enumerate(drafts)]

@@ -15,26 +15,30 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_sami.errors import ConfigError, SamiError
-from megatron_sami.models.catalogue import config_dir
+from megatron_sami.errors import ConfigError, QueryDataError
+from megatron_sami.resources import config_dir
 
 SOURCES = ("builtin", "hh-rlhf", "tldr", "jsonl", "parquet")
 HH_RLHF_HUB = "Anthropic/hh-rlhf"
 TLDR_HUB = "openai/summarize_from_feedback"
 
 
-class QueryDataError(SamiError):
-    """A query source is missing, unreachable or malformed."""
-
-
 @dataclass(frozen=True)
 class Query:
+    """One query: a stable id (seeds its constitution draw) and its text."""
+
     id: str
     text: str
 
 
 @dataclass
 class QuerySourceConfig:
+    """Where the queries come from (``queries.*``).
+
+    Raises:
+        ConfigError: an unknown ``source``.
+    """
+
     source: str = "builtin"  # builtin | hh-rlhf | tldr | jsonl | parquet
     name: str = "dialogue"  # builtin set name (configs/queries/builtin_<name>.jsonl)
     path: str | None = None  # local file or directory; hub name used when null (hh-rlhf, tldr)
@@ -84,7 +88,11 @@ def _builder_for(files: list[str]) -> str:
 
 
 def first_human_turn(dialogue: str) -> str:
-    """The first human turn of an HH-RLHF transcript ("\\n\\nHuman: ... \\n\\nAssistant: ...")."""
+    """The first human turn of an HH-RLHF transcript ("\\n\\nHuman: ... \\n\\nAssistant: ...").
+
+    Raises:
+        QueryDataError: the transcript has no ``Human:`` turn.
+    """
     start = dialogue.find("Human:")
     if start < 0:
         raise QueryDataError("an HH-RLHF row has no 'Human:' turn; is this the hh-rlhf format?")
@@ -94,6 +102,11 @@ def first_human_turn(dialogue: str) -> str:
 
 
 def load_hh_rlhf(cfg: QuerySourceConfig) -> list[Query]:
+    """HH-RLHF (``subset``, ``split``): the first human turn of each ``chosen`` transcript.
+
+    Raises:
+        QueryDataError: the files or hub are unreachable, or the rows are not HH-RLHF's.
+    """
     if cfg.path:
         base = _existing(cfg.path)
         files = [str(base)] if base.is_file() else _files(base / cfg.subset if (base / cfg.subset).is_dir() else base,
@@ -107,6 +120,11 @@ def load_hh_rlhf(cfg: QuerySourceConfig) -> list[Query]:
 
 
 def load_tldr(cfg: QuerySourceConfig) -> list[Query]:
+    """TL;DR ``comparisons`` rows: each distinct post (``info.post``) once, by its id.
+
+    Raises:
+        QueryDataError: the files or hub are unreachable, or the rows have no ``info`` column.
+    """
     if cfg.path:
         base = _existing(cfg.path)
         files = [str(base)] if base.is_file() else _files(base, cfg.split)
@@ -126,6 +144,12 @@ def load_tldr(cfg: QuerySourceConfig) -> list[Query]:
 
 
 def load_table(cfg: QuerySourceConfig) -> list[Query]:
+    """A local JSONL or Parquet file (or directory): column ``field``, ids from ``id_field`` or
+    the row number; blank texts are skipped.
+
+    Raises:
+        QueryDataError: no path, a missing path, or no ``field`` column.
+    """
     if not cfg.path:
         raise QueryDataError(f"query source '{cfg.source}' needs queries.path.")
     base = _existing(cfg.path)
@@ -139,10 +163,16 @@ def load_table(cfg: QuerySourceConfig) -> list[Query]:
 
 
 def builtin_path(name: str) -> Path:
+    """The built-in set's file, ``configs/queries/builtin_<name>.jsonl``."""
     return config_dir() / "queries" / f"builtin_{name}.jsonl"
 
 
 def load_builtin(cfg: QuerySourceConfig) -> list[Query]:
+    """A built-in query set by ``name``.
+
+    Raises:
+        QueryDataError: no set of that name.
+    """
     path = builtin_path(cfg.name)
     if not path.is_file():
         names = sorted(p.stem.removeprefix("builtin_") for p in path.parent.glob("builtin_*.jsonl"))
@@ -155,6 +185,11 @@ LOADERS = {"builtin": load_builtin, "hh-rlhf": load_hh_rlhf, "tldr": load_tldr, 
 
 
 def load_queries(cfg: QuerySourceConfig) -> list[Query]:
+    """The source's queries, the first ``limit`` when it is set.
+
+    Raises:
+        QueryDataError: as the source's loader, or no queries at all.
+    """
     queries = LOADERS[cfg.source](cfg)
     if cfg.limit:
         queries = queries[:cfg.limit]
@@ -165,12 +200,18 @@ def load_queries(cfg: QuerySourceConfig) -> list[Query]:
 
 @dataclass(frozen=True)
 class QuerySplit:
+    """:func:`split_queries`' disjoint sets: the evaluation queries and each iteration's."""
+
     evaluation: list[Query]
     per_iteration: list[list[Query]]
 
 
 def split_queries(queries: list[Query], iterations: int, per_iteration: int, num_eval: int, seed: int) -> QuerySplit:
-    """Disjoint seeded sets: ``num_eval`` evaluation queries, then ``per_iteration`` for each iteration."""
+    """Disjoint seeded sets: ``num_eval`` evaluation queries, then ``per_iteration`` for each iteration.
+
+    Raises:
+        QueryDataError: the source has fewer queries than the sets need.
+    """
     needed = num_eval + iterations * per_iteration
     if needed > len(queries):
         raise QueryDataError(f"{iterations} iterations x {per_iteration} queries + {num_eval} evaluation queries need "

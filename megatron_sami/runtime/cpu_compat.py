@@ -5,11 +5,14 @@ megatron-core hard-codes CUDA in many places: ``torch.cuda.current_device()`` as
 and ``Tensor.type()`` checks against ``'torch.cuda.FloatTensor'``. On a machine without CUDA
 this module redirects exactly those calls to their CPU equivalents, so the CPU lane of this
 project (tests, CI, laptops) runs the same Megatron models, schedules, optimizers and
-checkpoints as the GPU lane. ``../shared/notes/megatron-on-cpu.md`` lists what fails without it.
+checkpoints as the GPU lane; without it, each call listed above fails where there is no CUDA.
 
 Rules:
-- :func:`install` does nothing when ``torch.cuda.is_available()``; the layer is never active on
-  a GPU machine.
+- :func:`install` does nothing when ``torch.cuda.is_available()``, unless asked to hide the GPUs
+  (``install(hide_cuda=True)``, what the runtime does for the gloo backend): the process then
+  reports no CUDA (``torch.cuda.is_available()`` is False) and runs as on a machine without
+  GPUs. Hiding is refused once the process has initialised CUDA, since tensors may already
+  live on a GPU. Without hiding, the layer is never active on a GPU machine.
 - Installing is idempotent and process-wide (it patches ``torch.cuda`` attributes and enters a
   global :class:`~torch.overrides.TorchFunctionMode`); there is no uninstall, because
   megatron-core may keep references to what it created under the layer.
@@ -27,6 +30,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from megatron_sami.errors import EnvironmentSetupError
 
 _installed = False
 
@@ -197,11 +202,30 @@ class _DropForkWarning(logging.Filter):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
 
 
-def install() -> bool:
-    """Install the layer when CUDA is unavailable. Returns True when the layer is active."""
+def _hide_cuda() -> None:
+    """Make this process report no GPU, so every ``torch.cuda.is_available()`` reader (ours and
+    megatron-core's) takes its CPU path; the layer's stand-ins replace the rest of ``torch.cuda``."""
+    if torch.cuda.is_initialized():
+        raise EnvironmentSetupError(
+            "the gloo backend runs on the CPU, but this process has already used CUDA; choose the "
+            "backend before any GPU work, or hide the GPUs with CUDA_VISIBLE_DEVICES=''."
+        )
+    torch.cuda.is_available = lambda: False
+
+
+def install(hide_cuda: bool = False) -> bool:
+    """Install the layer when CUDA is unavailable (with ``hide_cuda``: after hiding the GPUs).
+
+    Returns True when the layer is active.
+
+    Raises:
+        EnvironmentSetupError: ``hide_cuda`` in a process that has already initialised CUDA.
+    """
     global _installed
     if torch.cuda.is_available():
-        return False
+        if not hide_cuda:
+            return False
+        _hide_cuda()
     if _installed:
         return True
     _patch_torch_cuda()

@@ -2,8 +2,14 @@
 
 The one place that initialises and tears down distributed state, for every entry point
 (trainer, converter, tests, demo). Works under torchrun, under ``srun`` (one task per GPU)
-and as a single plain process. NCCL on GPU, gloo on CPU; on CPU the compatibility layer of
-:mod:`megatron_sami.runtime.cpu_compat` is installed before megatron-core is used.
+and as a single plain process.
+
+The backend decides the device: NCCL runs on this rank's GPU; gloo runs on the CPU with the
+compatibility layer of :mod:`megatron_sami.runtime.cpu_compat`, installed before megatron-core
+is used, also on a machine with GPUs (they are hidden from the process). By default NCCL is
+chosen when CUDA is available and gloo otherwise; ``initialize(backend=...)`` or the variable
+``SAMI_DIST_BACKEND`` (how a launcher or the test harness picks it for rank code it does not
+edit) choose explicitly.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from megatron_sami.errors import EnvironmentSetupError
-from megatron_sami.models.config import ModelConfig
 from megatron_sami.runtime import quiet
-from megatron_sami.runtime.layout import ParallelConfig
+from megatron_sami.runtime.layout import ModelShape, ParallelConfig
 
 logger = logging.getLogger("megatron_sami")
+
+BACKEND_ENV = "SAMI_DIST_BACKEND"
+BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -153,41 +161,92 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
+def choose_backend(backend: str | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The torch.distributed backend of this process: ``"nccl"`` (GPU) or ``"gloo"`` (CPU).
+
+    ``backend`` wins, then the ``SAMI_DIST_BACKEND`` variable of ``environ`` (default
+    ``os.environ``), then NCCL when CUDA is available and gloo otherwise.
+
+    Raises:
+        EnvironmentSetupError: the name is neither nccl nor gloo, or NCCL is asked for where no
+            GPU is visible.
+    """
+    import torch
+
+    environ = os.environ if environ is None else environ
+    chosen = backend or environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+    if chosen not in BACKENDS:
+        raise EnvironmentSetupError(
+            f"unknown torch.distributed backend {chosen!r} (from the argument or ${BACKEND_ENV}); "
+            "use 'nccl' (GPUs) or 'gloo' (CPU)."
+        )
+    if chosen == "nccl" and not torch.cuda.is_available():
+        raise EnvironmentSetupError(
+            "backend 'nccl' needs a CUDA GPU and none is visible; use backend 'gloo' (the CPU lane) "
+            "or run on a GPU node."
+        )
+    return chosen
+
+
+def _bind_device(backend: str, launch: LaunchEnv) -> str:
+    """Put this process on the backend's device; returns ``"cuda"`` or ``"cpu"``.
+
+    Under gloo the CPU layer is installed with the GPUs hidden, so every reader of
+    ``torch.cuda.is_available()`` (model builder, precision check, step timer) takes the CPU
+    path, as on a machine without GPUs.
+    """
+    import torch
+
+    if backend == "nccl":
+        if launch.local_rank >= torch.cuda.device_count():
+            raise EnvironmentSetupError(
+                f"local rank {launch.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "launch at most one process per GPU, or use backend 'gloo' (CPU)."
+            )
+        torch.cuda.set_device(launch.local_rank)
+        return "cuda"
+    from megatron_sami.runtime import cpu_compat
+
+    cpu_compat.install(hide_cuda=True)
+    # Share the cores between the local ranks instead of oversubscribing them.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    return "cpu"
+
+
 def initialize(
     parallel: ParallelConfig,
-    model: ModelConfig | None = None,
+    model: ModelShape | None = None,
     seed: int = 1234,
     seq_length: int | None = None,
     environ: Mapping[str, str] | None = None,
     timeout_minutes: int = 10,
+    backend: str | None = None,
 ) -> RuntimeInfo:
-    """Initialise torch.distributed and Megatron's parallel state for this process."""
-    import torch
+    """Initialise torch.distributed and Megatron's parallel state for this process.
+
+    ``model`` (a ``ModelConfig``), when given, is checked against the layout first.
+    ``environ`` (default ``os.environ``) holds the launcher's variables and
+    ``SAMI_DIST_BACKEND``; ``backend`` ("nccl" or "gloo", see :func:`choose_backend`) also
+    decides the device: NCCL uses the GPU of the local rank, gloo the CPU.
+
+    Raises:
+        LayoutError: the layout does not fit the world size or the model.
+        EnvironmentSetupError: bad launcher variables, an unknown backend, NCCL without a GPU,
+            a local rank without a GPU of its own, or gloo after this process already used CUDA.
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     quiet.install()
-    launch = launch_env_from(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    launch = launch_env_from(environ)
     data_parallel_size = (parallel.validate(model, launch.world_size, seq_length) if model is not None
                           else parallel.data_parallel_size(launch.world_size))
     setup_logging(launch.rank)
     # Megatron's tensor-parallel overlap relies on in-order kernel launches; must precede CUDA init.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        if launch.local_rank >= torch.cuda.device_count():
-            raise EnvironmentSetupError(
-                f"local rank {launch.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                "launch at most one process per GPU."
-            )
-        torch.cuda.set_device(launch.local_rank)
-    else:
-        from megatron_sami.runtime import cpu_compat
-
-        cpu_compat.install()
-        # Share the cores between the local ranks instead of oversubscribing them.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
-    backend = "nccl" if on_gpu else "gloo"
+    backend = choose_backend(backend, environ)
+    device = _bind_device(backend, launch)
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -204,7 +263,7 @@ def initialize(
         distributed_timeout_minutes=timeout_minutes,
     )
     seed_everything(seed)
-    info = RuntimeInfo(launch, parallel, data_parallel_size, "cuda" if on_gpu else "cpu", backend)
+    info = RuntimeInfo(launch, parallel, data_parallel_size, device, backend)
     logger.info(
         "runtime: %s world=%d TP=%d PP=%d EP=%d CP=%d DP=%d backend=%s device=%s",
         launch.launcher, launch.world_size, parallel.tensor, parallel.pipeline, parallel.expert,
@@ -237,7 +296,8 @@ def teardown() -> None:
 
 @contextlib.contextmanager
 def megatron_runtime(parallel: ParallelConfig, **kwargs) -> Iterator[RuntimeInfo]:
-    """``with megatron_runtime(ParallelConfig(tensor=2)) as info: ...`` initialise + teardown."""
+    """``with megatron_runtime(ParallelConfig(tensor=2), backend="gloo") as info: ...``: :func:`initialize`
+    (same keyword arguments, same errors) on entry, :func:`teardown` on exit."""
     info = initialize(parallel, **kwargs)
     try:
         yield info

@@ -2,14 +2,45 @@
 
 Pure Python: validating a layout needs neither torch nor a GPU, so a Slurm dry run or a
 config check can refuse a bad layout before any accelerator time is spent.
+
+The model is read through :class:`ModelShape`, the few sizes a layout must divide, so this
+floor of the package does not import ``models/`` (which sits above it);
+``models.config.ModelConfig`` satisfies the protocol as it is.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from megatron_sami.errors import LayoutError
-from megatron_sami.models.config import ModelConfig
+
+
+class ModelShape(Protocol):
+    """The sizes of a model that a parallel layout must divide (``ModelConfig`` has them all)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_attention_heads(self) -> int: ...
+
+    @property
+    def num_query_groups(self) -> int:
+        """KV heads (grouped-query attention)."""
+
+    @property
+    def num_experts(self) -> int | None:
+        """Experts per MoE layer; None for a dense model."""
+
+    @property
+    def is_moe(self) -> bool: ...
+
+    def padded_vocab_size(self) -> int:
+        """The embedding's row count: the vocabulary padded for divisibility."""
 
 
 @dataclass
@@ -49,12 +80,19 @@ class ParallelConfig:
             )
         return world_size // self.model_parallel_size
 
-    def validate(self, model: ModelConfig, world_size: int, seq_length: int | None = None,
+    def validate(self, model: ModelShape, world_size: int, seq_length: int | None = None,
                  training: bool = True) -> int:
         """Check the layout against the model (and sequence length); returns the DP size.
 
+        ``model`` is anything shaped like :class:`ModelShape`, normally a ``ModelConfig``.
         ``training=False`` (conversion, scoring) drops megatron-core's training-only rule that
         MoE under TP needs sequence parallelism.
+
+        Raises:
+            LayoutError: TP does not divide the heads, KV heads or padded vocabulary; PP does
+                not divide the layers; EP on a dense model or not dividing the experts; MoE
+                training under TP without sequence parallelism; a sequence length that SP or CP
+                cannot split; or a world size the layout does not divide. The message names the fix.
         """
         tp, pp, ep = self.tensor, self.pipeline, self.expert
         if model.num_attention_heads % tp != 0:
@@ -104,7 +142,7 @@ class ParallelConfig:
         return self.data_parallel_size(world_size)
 
 
-def _divisors_hint(model: ModelConfig) -> str:
+def _divisors_hint(model: ModelShape) -> str:
     """TP sizes megatron-core accepts: divide the heads, and divide or are a multiple of the KV heads."""
     heads, groups = model.num_attention_heads, model.num_query_groups
     usable = [tp for tp in range(1, heads + 1)

@@ -31,6 +31,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+# The megatron-core modules a process that runs models imports (the seam's), for a fork server
+# to import once so that each forked rank starts with them loaded (testing.multiprocess).
+PRELOAD_MODULES = ("megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
+                   "megatron.core.dist_checkpointing")
+
 
 def deferred_compile(compile_fn: Callable) -> Callable:
     """A stand-in for ``compile_fn`` (``torch.compile``) that calls it at the first use of each

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from megatron_sami.errors import ConfigError
+from megatron_sami.errors import ConfigError, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,13 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 @dataclass
 class ServeConfig:
+    """``sami-serve``'s settings; limits are in tokens and bytes.
+
+    Raises:
+        ConfigError: ``model_dir`` is not an HF directory, ``default_max_tokens`` > ``max_tokens``,
+            ``api_key_env`` names an unset variable, or a non-loopback host without a key.
+    """
+
     model_dir: str
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port (printed)
@@ -56,19 +63,15 @@ class ServeConfig:
 
     @property
     def name(self) -> str:
+        """The model name clients send: ``served_model_name``, else the directory's name."""
         return self.served_model_name or Path(self.model_dir).resolve().name
-
-
-class RequestError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
 
 
 class Generator:
     """The HF backend behind a lock, with per-request sampling settings."""
 
     def __init__(self, cfg: ServeConfig) -> None:
+        """Load the model (:class:`~megatron_sami.rollout.generation.HFBackend`, one prompt at a time)."""
         from megatron_sami.rollout.generation import GenerationConfig, HFBackend
 
         self.cfg = cfg
@@ -77,6 +80,7 @@ class Generator:
         self.lock = threading.Lock()
 
     def chat_prompt(self, messages: list[dict]) -> str:
+        """The model's chat template applied to ``messages``, or a plain transcript for a base model."""
         if self.tokenizer.chat_template:
             return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # Base models have no chat template: a plain transcript the model continues.
@@ -90,9 +94,12 @@ class Generator:
         return min(self.cfg.max_prompt_tokens, context - max_tokens)
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without special tokens."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, prompt: str, params: dict) -> tuple[str, str, int]:
+        """(text, finish reason ``stop`` or ``length``, completion tokens) for one prompt, under the
+        lock, with :func:`sampling_params`' settings."""
         settings = dataclasses.replace(self.backend.cfg, max_new_tokens=params["max_tokens"],
                                        temperature=params["temperature"], top_p=params["top_p"],
                                        stop=params["stop"], seed=params["seed"])
@@ -104,7 +111,12 @@ class Generator:
 
 
 def sampling_params(body: dict, cfg: ServeConfig) -> dict:
-    """Validated sampling settings of a request (OpenAI names and defaults)."""
+    """Validated sampling settings of a request (OpenAI names and defaults).
+
+    Raises:
+        RequestError: 400 for a bad or over-limit ``max_tokens``, ``n`` != 1, streaming, or a bad
+            temperature, top_p, stop or seed.
+    """
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", cfg.default_max_tokens))
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise RequestError(400, "max_tokens must be a positive integer.")
@@ -132,6 +144,11 @@ def sampling_params(body: dict, cfg: ServeConfig) -> dict:
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """The request's ``{role, content}`` messages.
+
+    Raises:
+        RequestError: 400 unless a non-empty list of system/user/assistant messages with string content.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list of {role, content} objects.")
@@ -143,12 +160,16 @@ def chat_messages(body: dict) -> list[dict]:
 
 
 class Handler(BaseHTTPRequestHandler):
+    """The endpoints (module docstring); :func:`make_server` binds the generator, config and key.
+    Every refusal is an OpenAI-style JSON error with a 4xx status."""
+
     server_version = "sami-serve"
     generator: Generator
     cfg: ServeConfig
     api_key: str | None
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+        """Access log lines go to this module's logger."""
         logger.info("%s %s", self.address_string(), format % args)
 
     # -- plumbing -----------------------------------------------------------------------------------
@@ -191,6 +212,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- endpoints ----------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's name
+        """``/health`` (no key needed) and ``/v1/models``."""
         try:
             if self.path == "/health":
                 self._send(200, {"status": "ok"})
@@ -206,6 +228,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(err)
 
     def do_POST(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's name
+        """``/v1/chat/completions`` and ``/v1/completions``: one choice, with token usage."""
         try:
             self._authorize()
             path = self.path.rstrip("/")
@@ -241,7 +264,11 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def make_server(cfg: ServeConfig) -> ThreadingHTTPServer:
-    """Load the model and bind the socket (port 0 picks a free one); ``serve_forever`` serves."""
+    """Load the model and bind the socket (port 0 picks a free one); ``serve_forever`` serves.
+
+    Raises:
+        OSError: the address cannot be bound (e.g. the port is taken).
+    """
     generator = Generator(cfg)
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
     handler = type("BoundHandler", (Handler,), {"generator": generator, "cfg": cfg, "api_key": api_key})

@@ -1,6 +1,6 @@
 """The foundation smoke job (real Megatron-Core on CPU, used by the
 tests): ``train`` (torchrun, 2 processes) trains a tiny Llama-architecture ``GPTModel`` at
-tensor parallel size 2 with megatron-core DDP and the distributed optimizer on an embedded
+tensor parallel size 2 with Megatron-Core DDP and the distributed optimizer on an embedded
 paragraph and saves an atomic distributed checkpoint; ``verify`` (one process) reloads it at
 tensor parallel size 1 and checks that it reproduces the TP=2 logits and greedy text.
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from megatron_sami.conversion.verify import megatron_logits
+from megatron_sami.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from megatron_sami.models.build import build_gpt_model
 from megatron_sami.models.catalogue import load_model_config
 from megatron_sami.models.checkpoint import load_model, save_model
@@ -39,10 +40,12 @@ CORPUS = (
 
 
 def encode(text: str) -> torch.Tensor:
+    """ASCII bytes as token ids [T] (int64); the tiny model's vocabulary is bytes."""
     return torch.tensor(list(text.encode("ascii")), dtype=torch.long)
 
 
 def decode(tokens: list[int]) -> str:
+    """Token ids back to text (ids beyond ASCII are dropped)."""
     return bytes(t for t in tokens if t < 128).decode("ascii", errors="replace")
 
 
@@ -56,6 +59,7 @@ def corpus_batch(step: int, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def greedy(model, prompt: str, vocab_size: int, num_new: int = 48) -> str:
+    """``prompt`` and ``num_new`` greedily decoded bytes (collective: every rank runs the model)."""
     tokens = encode(prompt).unsqueeze(0)
     for _ in range(num_new):
         next_token = megatron_logits(model, tokens, vocab_size)[0, -1].argmax()
@@ -64,6 +68,8 @@ def greedy(model, prompt: str, vocab_size: int, num_new: int = 48) -> str:
 
 
 def train(run_dir: Path, steps: int, batch_size: int) -> None:
+    """Train the tiny model at TP=2 for ``steps`` steps of ``batch_size`` windows and save the
+    checkpoint, its TP=2 logits, greedy text and metrics under ``run_dir`` (2 processes)."""
     config = load_model_config(MODEL)
     parallel = ParallelConfig(tensor=2)
     precision = PrecisionConfig(params_dtype="fp32")
@@ -73,9 +79,9 @@ def train(run_dir: Path, steps: int, batch_size: int) -> None:
         optimizer = build_optimizer(ddp_model, OptimizerSettings(lr=3e-3, clip_grad=1.0))
         if info.is_rank0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(
-                {"model": MODEL, "parallel": vars(parallel), "precision": vars(precision), "steps": steps,
-                 "batch_size": batch_size, "seq_length": SEQ_LENGTH}, indent=2))
+            atomic_write_json(run_dir / "config.json",
+                              {"model": MODEL, "parallel": vars(parallel), "precision": vars(precision),
+                               "steps": steps, "batch_size": batch_size, "seq_length": SEQ_LENGTH})
         logger.info("training %s (%d parameters) at TP=2 for %d steps", MODEL, config.num_parameters(), steps)
         metrics, start = [], time.perf_counter()
         for step in range(1, steps + 1):
@@ -93,14 +99,15 @@ def train(run_dir: Path, steps: int, batch_size: int) -> None:
         logits = megatron_logits(model, encode(CORPUS[:SEQ_LENGTH]).unsqueeze(0), config.vocab_size)
         if info.is_rank0:
             torch.save(logits, run_dir / "tp2_logits.pt")
-            (run_dir / "tp2_greedy.txt").write_text(text)
-            with (run_dir / "metrics.jsonl").open("w") as out:
-                out.writelines(json.dumps(row) + "\n" for row in metrics)
+            atomic_write_text(run_dir / "tp2_greedy.txt", text)
+            atomic_write_jsonl(run_dir / "metrics.jsonl", metrics)
             logger.info("checkpoint saved to %s", run_dir / "checkpoint")
             logger.info("greedy continuation at TP=2: %r", text)
 
 
 def verify(run_dir: Path) -> int:
+    """Reload ``run_dir``'s checkpoint at TP=1 and compare logits and greedy text with TP=2's;
+    returns the exit code (0: reproduced within 1e-4)."""
     config = load_model_config(MODEL)
     parallel = ParallelConfig()
     with megatron_runtime(parallel, model=config, seq_length=SEQ_LENGTH):
@@ -121,6 +128,7 @@ def verify(run_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_sami.testing.foundation_demo {train,verify} --run-dir DIR``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("phase", choices=["train", "verify"])
     parser.add_argument("--run-dir", type=Path, required=True)

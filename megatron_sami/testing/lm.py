@@ -30,7 +30,7 @@ def make_lm_batches(
 
 
 def lm_forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module):
-    """``forward_step_func`` for megatron-core's schedules: masked token-mean cross-entropy."""
+    """``forward_step_func`` for Megatron-Core's schedules: masked token-mean cross-entropy."""
     batch = on_model_device(next(data_iterator), model)
     tokens_BT, labels_BT, mask_BT = batch["tokens"], batch["labels"], batch["loss_mask"].float()
     nll_BT = model(tokens_BT, position_ids_like(tokens_BT), None, labels=labels_BT)

@@ -1,17 +1,22 @@
 """Run a function as a real N-process torch.distributed job on this machine.
 
-Used by the tests (and the benchmarks) to run Megatron code as several local ranks under
-gloo, exactly as torchrun would: each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT``, so the body calls the project's normal runtime.
+Used by the tests (and the benchmarks) to run Megatron code as several local ranks, exactly
+as torchrun would: each process gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
+and ``MASTER_PORT``, so the body calls the project's normal runtime.
 
-- Results come back per rank (anything picklable).
+- The backend is a parameter: ``backend="gloo"`` runs the ranks on the CPU with no GPU visible
+  to them (``CUDA_VISIBLE_DEVICES=""``), on any machine; ``backend="nccl"`` gives rank r GPU r.
+  Both reach the rank's runtime through ``SAMI_DIST_BACKEND``, so rank bodies that call
+  ``megatron_runtime(...)`` are the same for both. Without it the runtime chooses (NCCL where
+  CUDA is available).
+- Results come back per rank (anything picklable); tensors come back on the CPU.
 - A rank that raises is reported with its own traceback; once one rank has failed, the others
   get a short grace period and are then killed (they are usually stuck in a collective).
 - A job that outlives ``timeout`` is killed and reported with the ranks that did not finish.
-- Ranks are not daemonic (megatron-core's checkpoint writer starts processes of its own), so
+- Ranks are not daemonic (Megatron-Core's checkpoint writer starts processes of its own), so
   they are always killed and joined here.
 
-Processes start from a fork server that has already imported torch and megatron-core, so a
+Processes start from a fork server that has already imported torch and Megatron-Core, so a
 job costs a fork, not a ten-second import, per rank.
 """
 
@@ -23,25 +28,28 @@ import os
 import pickle
 import queue as queue_module
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from megatron_sami.runtime.distributed import free_port
+from megatron_sami.errors import DistributedJobError
+from megatron_sami.runtime.distributed import BACKEND_ENV, BACKENDS, free_port
+from megatron_sami.runtime.megatron_import import PRELOAD_MODULES
 
-_PRELOAD = ["megatron_sami.runtime.quiet", "torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
-            "megatron.core.optimizer", "megatron.core.dist_checkpointing"]
+_PRELOAD = ["megatron_sami.runtime.quiet", "torch", "torch.distributed", *PRELOAD_MODULES]
 _context: Any = None
-
-
-class DistributedJobError(AssertionError):
-    """One or more ranks failed or hung; the message holds each rank's report."""
 
 
 def _mp_context():
     global _context
     if _context is None:
+        # The fork server's imports ask torch whether CUDA is available; by default that asks the
+        # CUDA runtime, which makes every forked rank fail to initialise CUDA ("Cannot
+        # re-initialize CUDA in forked subprocess"). NVML answers without that, and counts only
+        # the devices CUDA_VISIBLE_DEVICES shows, so a gloo rank that hides them sees none.
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
         if "forkserver" in mp.get_all_start_methods():
             _context = mp.get_context("forkserver")
             _context.set_forkserver_preload(_PRELOAD)
@@ -65,9 +73,41 @@ def _child(rank: int, world_size: int, port: int, env: Mapping[str, str], result
         return
     try:
         # Plain pickle: tensors travel by value, not as shared-memory handles that die with the rank.
-        results.put((rank, True, pickle.dumps(value)))
+        results.put((rank, True, pickle.dumps(_on_cpu(value))))
     except Exception:  # noqa: BLE001 - an unpicklable result is a failure of this rank
         results.put((rank, False, "result could not be sent to the parent:\n" + traceback.format_exc()))
+
+
+def _on_cpu(value: Any) -> Any:
+    """``value`` with its GPU tensors (also inside lists, tuples and dicts) moved to the CPU, so
+    the parent compares NCCL results with CPU references and never initialises CUDA itself."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value if value.device.type == "cpu" else value.cpu()
+    if isinstance(value, dict):
+        return {key: _on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_on_cpu(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
+
+
+def _rank_env(env: Mapping[str, str] | None, backend: str | None) -> dict[str, str]:
+    """The variables every rank adds to its environment: the caller's, then the backend's."""
+    rank_env = dict(env or {})
+    if backend is None:
+        return rank_env
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or None for the runtime's choice), "
+                         f"got {backend!r}")
+    rank_env[BACKEND_ENV] = backend
+    if backend == "gloo":
+        # The CPU lane, also on a GPU machine: a CUDA call that escapes the CPU layer fails as it
+        # would without GPUs, instead of quietly putting a tensor on a GPU.
+        rank_env["CUDA_VISIBLE_DEVICES"] = ""
+    return rank_env
 
 
 def run_distributed(
@@ -77,18 +117,25 @@ def run_distributed(
     timeout: float = 300.0,
     grace: float = 15.0,
     env: Mapping[str, str] | None = None,
+    backend: str | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world_size`` processes; return the per-rank results in rank order.
 
-    ``fn`` must be importable by name (a module-level function). Raises
-    :class:`DistributedJobError` naming every rank that failed, crashed or hung.
+    ``fn`` must be importable by name (a module-level function); ``env`` adds variables to each
+    rank's environment. ``backend`` ("gloo", "nccl", or None for the runtime's default) reaches
+    the ranks' runtime; under "gloo" no GPU is visible to them, under "nccl" rank r uses GPU r.
+    ``timeout`` and ``grace`` are in seconds. Tensors in the results are on the CPU.
+
+    Raises:
+        ValueError: ``world_size`` outside 1..8 or an unknown ``backend``.
+        DistributedJobError: naming every rank that failed, crashed or hung, with its traceback.
     """
     if not 1 <= world_size <= 8:
         raise ValueError(f"world_size must be between 1 and 8, got {world_size}")
+    env = _rank_env(env, backend)
     ctx = _mp_context()
     results = ctx.Queue()
     port = free_port()
-    env = dict(env or {})
     processes = [
         ctx.Process(target=_child, args=(rank, world_size, port, env, results, fn, args), daemon=False)
         for rank in range(world_size)

@@ -21,7 +21,12 @@ from megatron_sami.runtime.distributed import collective_device
 
 @dataclass
 class OptimizerSettings:
-    """Optimizer and gradient settings (the learning-rate schedule lives with the trainer)."""
+    """Optimizer and gradient settings (the learning-rate schedule lives with the trainer).
+
+    Raises:
+        ConfigError: an unknown optimizer, a negative learning rate, or RMSprop with the
+            distributed optimizer.
+    """
 
     name: str = "adam"  # adam (AdamW: decoupled weight decay), rmsprop, sgd
     lr: float = 5e-7  # the peak learning rate; lr_schedule shapes it over the run
@@ -119,14 +124,23 @@ def materialize_optimizer_state(optimizer) -> None:
     parameters (Adam's update is 0 for zero moments; weight decay is restored by the load).
     """
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
-            inner._init_optimizer_states_with_dummy_values()
+        if _init_distributed_optimizer_state(inner):
             continue
         for group in inner.optimizer.param_groups:
             for param in group["params"]:
                 param.grad = torch.zeros_like(param)
         inner.optimizer.step()
         inner.optimizer.zero_grad()
+
+
+def _init_distributed_optimizer_state(inner) -> bool:
+    """Let megatron-core's distributed optimizer fill its state with placeholders; False for an
+    optimizer without that method. Private API of megatron-core 0.19.x
+    (``DistributedOptimizer._init_optimizer_states_with_dummy_values``)."""
+    if not hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+        return False
+    inner._init_optimizer_states_with_dummy_values()
+    return True
 
 
 def _adam_states(optimizer):
@@ -149,6 +163,9 @@ def set_optimizer_step_count(optimizer, count: int) -> None:
 
 @dataclass
 class StepResult:
+    """One optimizer step: the mean loss (nats) and logs over microbatches and data-parallel
+    ranks, the gradient norm (None when not computed) and the phases' wall-clock seconds."""
+
     loss: float
     grad_norm: float | None
     logs: dict[str, float]
@@ -164,8 +181,26 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
-) -> list[dict]:
-    """Run megatron-core's schedule for this pipeline layout; returns last-stage loss logs."""
+    collect_non_loss_data: bool = False,
+) -> list:
+    """Run megatron-core's schedule for this pipeline layout (the one place that calls it).
+
+    Args:
+        model: the (DDP-wrapped or bare) model of this rank's pipeline stage.
+        forward_step_func: ``forward_step(data_iterator, model) -> (output, loss_func)``, the
+            Megatron contract; ``loss_func(output)`` returns ``(loss, logs)``.
+        data_iterator: yields one microbatch per call of ``forward_step_func``.
+        num_microbatches: microbatches in this step (on this data-parallel rank).
+        seq_length: tokens per sequence (the shape pipeline stages exchange).
+        micro_batch_size: sequences per microbatch.
+        forward_only: no backward pass (evaluation, scoring).
+        collect_non_loss_data: with ``forward_only``, call ``loss_func(output, non_loss_data=True)``
+            and return what it returns for each microbatch instead of the loss logs.
+
+    Returns:
+        One entry per microbatch on the last pipeline stage (the loss logs, or the collected
+        values); an empty list on the other stages.
+    """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     return get_forward_backward_func()(
@@ -176,7 +211,59 @@ def forward_backward(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
     )
+
+
+def last_stage_result(tensor: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor:
+    """The last pipeline stage's ``tensor`` on every rank of its pipeline group (collective).
+
+    Args:
+        tensor: the value on the last stage (fp32, ``shape``); ignored on the other stages,
+            which may pass None.
+        shape: its shape, which every stage knows.
+
+    Returns:
+        fp32 ``shape`` on :func:`~megatron_sami.runtime.distributed.collective_device` (or the
+        last stage's own device); a sum over the pipeline group in which the other stages add
+        zeros. Without pipeline parallelism the last stage's tensor itself.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.is_pipeline_last_stage():
+        # contiguous: GPTModel returns transposed views, and gloo reduces raw storage.
+        result = tensor.float().contiguous()
+    else:
+        result = torch.zeros(shape, device=collective_device())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(result, group=parallel_state.get_pipeline_model_parallel_group())
+    return result
+
+
+def data_parallel_rank() -> int:
+    """This rank's index among the data-parallel replicas (0-based)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_data_parallel_rank()
+
+
+def sum_over_data_parallel(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed in place over the data-parallel group (collective); returns it.
+
+    The tensor must be on :func:`~megatron_sami.runtime.distributed.collective_device`.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    return values
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on at least one rank of the job (collective over all ranks)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def reduce_logs(microbatch_logs: list[dict]) -> dict[str, float]:

@@ -1,0 +1,176 @@
+"""Atomic, durable writes of the text, JSON and JSONL files the project writes.
+
+A reader (a resumed run, a rerun of ``sami-iterate``, a batch script after a crash) sees either
+the old file or the whole new one, never a prefix, and a file whose write returned survives a
+power loss. Every helper does the same four steps:
+
+1. write the content to a temporary file in the target's own directory (a rename is atomic
+   only within one file system);
+2. flush and ``fsync`` that file, so its bytes are on disk before its name is;
+3. ``os.replace`` it onto the target (atomic on POSIX, and it overwrites an existing file);
+4. ``fsync`` the directory, so the new name itself survives a crash.
+
+If writing or serialising fails part of the way (e.g. a row that is not JSON-serialisable), the
+temporary file is removed and the target is left as it was.
+
+Logs that grow by one row per step (``metrics.jsonl``) are appended with :func:`append_jsonl`
+instead of being rewritten: rewriting is quadratic in the run length. An append is flushed and
+fsynced, so every row written before a crash survives it; a crash in the middle of one can leave
+at most a torn last line. A resumed run drops that line and the rows after its checkpoint with
+:func:`rewrite_jsonl` (atomically) before appending again.
+
+Directories that are written as a whole (checkpoints, HF exports) are staged and renamed by
+:func:`megatron_sami.models.checkpoint.staged_output`, which calls :func:`fsync_dir` here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def fsync_dir(path: Path) -> None:
+    """``fsync`` the directory ``path`` so that names created, renamed or removed in it are durable.
+
+    Platforms whose directories cannot be opened (Windows) skip it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):  # pragma: no cover - not on POSIX
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """Create a new, empty, hidden temporary file in ``path``'s directory; returns (fd, its path).
+
+    Unlike :func:`tempfile.mkstemp` (mode 0600), the file gets the permissions an ordinary
+    ``open(path, "w")`` would (0666 less the umask), so the renamed file is readable as before.
+    """
+    while True:
+        staging = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}")
+        try:
+            return os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), staging
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that needs a file name (e.g.
+    ``figure.savefig``); when the block ends without an error, that file is fsynced and renamed
+    onto ``path``, and the directory is fsynced. On an error (the writer's, or a check run on
+    the staged file inside the block) the temporary file is removed and ``path`` is left as it
+    was. The temporary name ends with ``path``'s suffix (``.tmp.png``), for writers that choose
+    the format by the name and loaders that check it.
+    """
+    path = Path(path)
+    fd, staging = _temp_beside(path, ".tmp" + path.suffix)
+    os.close(fd)
+    try:
+        yield staging
+        with staging.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def _atomic_text(path: Path | str, encoding: str) -> Iterator[TextIO]:
+    """An open text handle on a temporary file that replaces ``path`` when the block succeeds."""
+    path = Path(path)
+    fd, staging = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w", encoding=encoding) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> None:
+    """Replace ``path`` with ``text``, atomically and durably (see the module docstring).
+
+    Raises:
+        OSError: if the directory does not exist or is not writable; ``path`` is then unchanged.
+    """
+    with _atomic_text(path, encoding) as handle:
+        handle.write(text)
+
+
+def atomic_write_json(path: Path | str, value: Any, indent: int | None = 2) -> None:
+    """Replace ``path`` with ``value`` as JSON (``indent`` spaces, a final newline), atomically.
+
+    Raises:
+        TypeError: if ``value`` holds something JSON cannot encode; ``path`` is then unchanged.
+        OSError: as :func:`atomic_write_text`.
+    """
+    atomic_write_text(path, json.dumps(value, indent=indent) + "\n")
+
+
+def atomic_write_jsonl(path: Path | str, rows: Iterable[Any]) -> None:
+    """Replace ``path`` with one JSON document per line, atomically; ``rows`` is streamed, so a
+    generator is never held in memory whole.
+
+    Raises:
+        TypeError: if a row holds something JSON cannot encode; ``path`` is then unchanged.
+        OSError: as :func:`atomic_write_text`.
+    """
+    with _atomic_text(path, "utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+
+
+def append_jsonl(path: Path | str, row: Any) -> None:
+    """Append ``row`` as one JSON line to ``path`` (created if absent), flushed and fsynced.
+
+    The line is serialised before the file is opened, so a row JSON cannot encode leaves the file
+    as it was. Not atomic across a crash mid-write (see the module docstring for why that is
+    acceptable for logs).
+
+    Raises:
+        TypeError: if ``row`` holds something JSON cannot encode.
+    """
+    line = json.dumps(row) + "\n"
+    path = Path(path)
+    created = not path.exists()
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+    if created:
+        fsync_dir(path.parent)
+
+
+def rewrite_jsonl(path: Path | str, keep: Callable[[Any], bool]) -> None:
+    """Rewrite the JSONL log ``path`` atomically with only the rows for which ``keep(row)`` holds
+    (e.g. a resumed run's rows up to its checkpoint's step). A torn last line, which a crash in the
+    middle of :func:`append_jsonl` can leave, is dropped.
+
+    Raises:
+        json.JSONDecodeError: if a line other than the last is not JSON (the log is then unchanged).
+    """
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines):
+                raise
+    atomic_write_jsonl(path, (row for row in rows if keep(row)))

@@ -1,0 +1,136 @@
+"""The checkpoint-directory format that conversion, training and export share (its one owner).
+
+A checkpoint directory holds:
+
+    model.yaml        the ModelConfig the model is rebuilt from
+    conversion.json   source, dtypes, converter version (optional)
+    hf/               the source config.json, generation_config.json and tokenizer files
+    weights/          a Megatron-Core distributed checkpoint (loads at any TP/PP/EP/DP)
+
+``sami-convert hf-to-megatron`` creates one, ``sami-train`` writes one per saved step (the
+description copied from the checkpoint it started from, its own weights), and
+``sami-convert megatron-to-hf`` exports any of them. Every directory is written through
+:func:`~megatron_sami.models.checkpoint.staged_output`, so one with the final name is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_sami.errors import ConversionError
+from megatron_sami.io import atomic_write_json, atomic_write_text
+from megatron_sami.models.build import build_gpt_model
+from megatron_sami.models.catalogue import model_config_from_dict
+from megatron_sami.models.checkpoint import is_rank0, load_model, save_weights, staged_output
+from megatron_sami.models.config import ModelConfig, PrecisionConfig
+
+MODEL_FILE = "model.yaml"
+RECORD_FILE = "conversion.json"
+HF_DIR = "hf"
+WEIGHTS_DIR = "weights"
+
+
+def check_output_path(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or an existing directory unless ``overwrite``.
+
+    Raises:
+        ConversionError: the path is a file, or exists and ``overwrite`` is false.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"output path {out_dir} is a file; choose a directory path.")
+    if out_dir.exists() and not overwrite:
+        raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it or choose another path.")
+
+
+def write_model_files(directory: Path, model: ModelConfig, record: dict) -> None:
+    """Write ``model.yaml`` (the config) and ``conversion.json`` (``record``) into ``directory``."""
+    atomic_write_text(directory / MODEL_FILE, yaml.safe_dump(asdict(model), sort_keys=False))
+    atomic_write_json(directory / RECORD_FILE, record)
+
+
+def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
+    """The ModelConfig and conversion record (``{}`` when absent) of a converted or trained
+    checkpoint directory; reads only its small files.
+
+    Raises:
+        ConversionError: ``ckpt_dir`` lacks model.yaml or weights/ (not a checkpoint directory,
+            or an interrupted write left only ``<dir>.incomplete``).
+        ConfigError: model.yaml does not describe a valid model.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / MODEL_FILE).is_file() or not (ckpt_dir / WEIGHTS_DIR).is_dir():
+        hint = " (an interrupted run left only .incomplete)" if ckpt_dir.with_name(ckpt_dir.name + ".incomplete").exists() else ""
+        raise ConversionError(f"{ckpt_dir} is not a converted checkpoint (needs model.yaml and weights/){hint}; "
+                              "run sami-convert hf-to-megatron first.")
+    model = model_config_from_dict(yaml.safe_load((ckpt_dir / MODEL_FILE).read_text()))
+    record_path = ckpt_dir / RECORD_FILE
+    conversion = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    return model, conversion
+
+
+def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1,
+                          recompute_activations: bool = False) -> tuple[ModelConfig, torch.nn.Module]:
+    """Build the model of a checkpoint directory at a layout and load its weights (collective).
+
+    Args:
+        ckpt_dir: a checkpoint directory (see the module docstring).
+        parallel: the :class:`~megatron_sami.runtime.layout.ParallelConfig` the runtime was
+            started with; the weights load at any layout.
+        params_dtype: "bf16" or "fp32"; default: the dtype the checkpoint was converted to.
+        seq_length: the longest sequence (tokens) the model will run on.
+        recompute_activations: recompute each layer's activations in the backward pass.
+
+    Returns:
+        The ModelConfig and this rank's part of the ``GPTModel``, weights loaded.
+
+    Raises:
+        ConversionError: ``ckpt_dir`` is not a checkpoint directory.
+        CheckpointError: its weights do not fit the model.
+        LayoutError: the layout does not fit the model or the world size.
+        ConfigError: the model cannot be built (e.g. ``seq_length`` beyond its positions).
+    """
+    model, conversion = read_checkpoint_model(ckpt_dir)
+    parallel.validate(model, dist.get_world_size(), training=False)
+    dtype = params_dtype or conversion.get("params_dtype", "bf16")
+    megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=dtype), seq_length=seq_length,
+                                     recompute_activations=recompute_activations, initialize_weights=False)
+    load_model(megatron_model, Path(ckpt_dir) / WEIGHTS_DIR)
+    return model, megatron_model
+
+
+def write_checkpoint_description(source_ckpt_dir: Path, target: Path) -> None:
+    """Copy what describes the model (model.yaml, conversion.json, hf/) to a new checkpoint dir
+    (one process; usually rank 0 into a staging directory)."""
+    for name in (MODEL_FILE, RECORD_FILE):
+        if (source_ckpt_dir / name).is_file():
+            shutil.copy2(source_ckpt_dir / name, target / name)
+    shutil.copytree(source_ckpt_dir / HF_DIR, target / HF_DIR)
+
+
+def save_checkpoint_dir(megatron_model: torch.nn.Module, source_ckpt_dir: Path, out_dir: Path,
+                        overwrite: bool = False) -> Path:
+    """Save a (trained) model as a checkpoint directory that exports like a converted one.
+
+    The model description (model.yaml, conversion.json, hf/) comes from the checkpoint the
+    model was loaded from; the weights are this model's, at whatever layout it runs (collective).
+    Returns ``out_dir``.
+
+    Raises:
+        ConversionError: ``source_ckpt_dir`` is not a checkpoint directory, or ``out_dir``
+            exists and ``overwrite`` is false.
+    """
+    source_ckpt_dir, out_dir = Path(source_ckpt_dir), Path(out_dir)
+    read_checkpoint_model(source_ckpt_dir)
+    check_output_path(out_dir, overwrite)
+    with staged_output(out_dir) as staging:
+        if is_rank0():
+            write_checkpoint_description(source_ckpt_dir, staging)
+        save_weights(megatron_model, staging / WEIGHTS_DIR)
+    return out_dir
