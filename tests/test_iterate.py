@@ -180,7 +180,7 @@ def test_principle_writer_refuses_a_model_that_writes_no_valid_principles(tiny, 
                              "--out", str(out), "--count", "3", "--seed-prompt", "Write principles for recipes.",
                              "--attempts", "2", "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "valid principles of 3" in result.stderr, result.stderr[-2000:]
-    assert not out.exists() and not list(tmp_path.glob("*.incomplete*"))
+    assert not out.exists() and not [p.name for p in tmp_path.iterdir() if p.name != "mine.yaml" and "mine" in p.name]
 
 
 def judged_rows(path: Path) -> list[dict]:

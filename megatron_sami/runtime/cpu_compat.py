@@ -189,6 +189,9 @@ def _patch_autograd_backward(mode: TorchFunctionMode) -> None:
 
 
 def _patch_megatron_rng() -> None:
+    """Megatron-Core's RNG tracker reads and writes the CUDA RNG through two private functions of
+    ``megatron.core.tensor_parallel.random`` (``_get_cuda_rng_state``, ``_set_cuda_rng_state``,
+    as of megatron-core 0.19.x); on CPU they read and write torch's CPU generator instead."""
     from megatron.core.tensor_parallel import random as megatron_random
 
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
