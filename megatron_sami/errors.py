@@ -3,8 +3,9 @@ with typed subclasses.
 
 Every :class:`SamiError` message is a sentence that names the fix. Command-line entry points
 catch :class:`SamiError` and print only the message (no traceback wall) and exit with code 2;
-anything else is a bug and keeps its traceback. The modules that raise these errors also make
-them importable under their old names (e.g. ``megatron_sami.alignment.data.DataError``).
+anything else is a bug and keeps its traceback. The modules that raise these errors also
+import them, so imports from where they were defined before still work (e.g.
+``from megatron_sami.alignment.data import DataError``).
 
     SamiError
     ├── ConfigError ── LayoutError

@@ -13,7 +13,12 @@ from megatron_sami.errors import ConfigError
 def to_typed[T](schema: type[T], values: Any, prefix: str) -> T:
     """Merge ``values`` onto ``schema`` (unknown keys and wrong types fail) and build it.
 
-    Building the dataclass runs its ``__post_init__`` checks.
+    Building the dataclass runs its ``__post_init__`` checks. ``prefix`` names the section in
+    messages (``train.optimizer.lr``).
+
+    Raises:
+        ConfigError: an unknown key, a value of the wrong type, or a ``__post_init__`` refusal; the
+            message names the key and the fix.
     """
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})

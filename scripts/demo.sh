@@ -33,7 +33,7 @@ done
 sami-eval winrate --run-dir "$run_dir" --judge-url "$url" --judge-model smollm2-judge --judge-max-tokens 48 \
   --judge-concurrency 1
 kill "$serve_pid" 2>/dev/null || true
-python -m megatron_sami.iteration.report --run-dir "$run_dir"
+python -m megatron_sami.cli.report --run-dir "$run_dir"
 echo "[demo] finished in $((SECONDS - start)) s. Outputs in $run_dir:"
 echo "[demo]   summary.json (filter counts, last training step and MI per iteration), mi.png (MI plot),"
 echo "[demo]   winrate.png and winrate/ (judged comparisons), samples.md (base vs last iteration),"

@@ -42,6 +42,8 @@ SAMI_RUN_DIR="${SAMI_RUN_DIR:-$SAMI_ROOT/runs/${SAMI_MODEL:?set SAMI_MODEL}-${SL
 SAMI_WORLD_SIZE=$((SAMI_NODES * SAMI_GPUS_PER_NODE))
 SAMI_RECIPE="${SAMI_RECIPE:-}"
 SAMI_CONFIGS="${SAMI_CONFIG_DIR:-$SAMI_ROOT/configs}"
+# The driver reads the configs this launcher checked (not a copy inside an installed wheel).
+export SAMI_CONFIG_DIR="$SAMI_CONFIGS"
 
 [ -x "$SAMI_PYTHON" ] || sami_fail "no Python at $SAMI_PYTHON; run 'bash scripts/test.sh --collect-only -q' once to create .venv, or set SAMI_PYTHON."
 

@@ -15,7 +15,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
-: "${SAMI_MODEL:=llama3-70b}" "${SAMI_RECIPE:=llama3-70b}"
+: "${SAMI_MODEL:=llama3-70b}" "${SAMI_RECIPE=llama3-70b}"
 : "${SAMI_BASE_HF:=/models/Meta-Llama-3-70B}"
 : "${SAMI_TP:=8}" "${SAMI_PP:=4}" "${SAMI_EP:=1}"
 export SAMI_MODEL SAMI_RECIPE SAMI_BASE_HF SAMI_TP SAMI_PP SAMI_EP

@@ -13,7 +13,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
-: "${SAMI_MODEL:=mistral-7b}" "${SAMI_RECIPE:=mistral-7b}"
+: "${SAMI_MODEL:=mistral-7b}" "${SAMI_RECIPE=mistral-7b}"
 : "${SAMI_BASE_HF:=/models/Mistral-7B-v0.1}"
 : "${SAMI_TP:=4}" "${SAMI_PP:=1}" "${SAMI_EP:=1}"
 export SAMI_MODEL SAMI_RECIPE SAMI_BASE_HF SAMI_TP SAMI_PP SAMI_EP

@@ -15,7 +15,7 @@
 #SBATCH --signal=B:USR1@600
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
-: "${SAMI_MODEL:=mixtral-8x7b}" "${SAMI_RECIPE:=mixtral-8x7b}"
+: "${SAMI_MODEL:=mixtral-8x7b}" "${SAMI_RECIPE=mixtral-8x7b}"
 : "${SAMI_BASE_HF:=/models/Mixtral-8x7B-v0.1}"
 : "${SAMI_TP:=1}" "${SAMI_PP:=4}" "${SAMI_EP:=8}"
 export SAMI_MODEL SAMI_RECIPE SAMI_BASE_HF SAMI_TP SAMI_PP SAMI_EP

@@ -12,7 +12,7 @@
 #SBATCH --signal=B:USR1@60
 #SBATCH --requeue
 #SBATCH --output=slurm-%x-%j.out
-: "${SAMI_MODEL:=tiny-llama}" "${SAMI_RECIPE:=tiny-llama}"
+: "${SAMI_MODEL:=tiny-llama}" "${SAMI_RECIPE=tiny-llama}"
 : "${SAMI_TP:=1}" "${SAMI_PP:=1}" "${SAMI_EP:=1}" "${SAMI_PARAMS_DTYPE:=fp32}"
 : "${SAMI_GPUS_PER_NODE:=1}"
 export SAMI_MODEL SAMI_RECIPE SAMI_TP SAMI_PP SAMI_EP SAMI_PARAMS_DTYPE SAMI_GPUS_PER_NODE

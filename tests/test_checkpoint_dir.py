@@ -14,7 +14,15 @@ def test_model_files_round_trip(tmp_path):
     record = {"params_dtype": "fp32", "source_dtype": "float32"}
     write_model_files(tmp_path, model, record)
     (tmp_path / "weights").mkdir()
+    (tmp_path / "hf").mkdir()
     assert read_checkpoint_model(tmp_path) == (model, record)
+
+
+def test_a_directory_without_hf_files_is_refused_before_any_training(tmp_path):
+    write_model_files(tmp_path, load_model_config("tiny-llama"), {})
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ConversionError, match="lacks hf/"):
+        read_checkpoint_model(tmp_path)
 
 
 def test_a_directory_without_weights_is_not_a_checkpoint(tmp_path):

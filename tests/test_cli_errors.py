@@ -58,3 +58,26 @@ def test_convert_refuses_a_bad_source_before_starting_the_runtime_once(tmp_path,
                       "MistralForCausalLM, MixtralForCausalLM."], result.stderr
     assert "runtime:" not in result.stderr + result.stdout
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.incomplete").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "fix"),
+    [
+        ("check_config", ["parallel.tensr=2"], "unknown setting 'parallel.tensr'; did you mean parallel.tensor?"),
+        ("train", ["checkpoint=c", "optimizer.lrr=1"], "unknown setting 'optimizer.lrr'; did you mean optimizer.lr?"),
+        ("train", ["checkpoint=c", "lr_schedule.lr=1e-6"], "optimizer.lr is the peak learning rate"),
+        ("iterate", ["run_dir=r", "train.optimzer.lr=1"], "did you mean train.optimizer.lr?"),
+        ("iterate", ["run_dir=r", "train.lr_schedule.lr=1"], "'train.lr_schedule.lr' no longer exists"),
+        ("iterate", ["--config-name", "recipe/nope", "run_dir=r"], "choose one of: recipe/llama3-70b"),
+        ("iterate", ["run_dir=r", "template=nope"], "choose one of: chatml_dialogue, dialogue, summarization."),
+        ("iterate", ["run_dir=a b,c"], "quote a value that holds spaces, commas"),
+        ("iterate", ["train.steps=[1"], "quote a value that holds spaces, commas"),
+    ],
+)
+def test_a_config_that_does_not_compose_is_one_sentence_naming_the_fix(command, args, fix):
+    """Hydra's own report of these is a page of text and exit code 1."""
+    result = subprocess.run([sys.executable, "-m", f"megatron_sami.cli.{command}", *args], capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and fix in lines[0], lines[0]

@@ -107,9 +107,20 @@ def test_a_bad_train_key_fails_when_the_run_opens_and_names_the_key(tmp_path, ba
         open_run(tmp_path, base_hf, "train.steps=many")
     with pytest.raises(ConfigError, match=r"min_lr=0.001 exceeds the peak optimizer\.lr"):
         open_run(tmp_path, base_hf, "train.lr_schedule.min_lr=1e-3")
+    # values only the training step would otherwise reach (after generation has run)
+    with pytest.raises(ConfigError, match=r"data\.on_overlength 'skip' is unknown; use error or drop"):
+        open_run(tmp_path, base_hf, "train.data.on_overlength=skip")
+    with pytest.raises(ConfigError, match=r"data\.seq_length must be >= 1"):
+        open_run(tmp_path, base_hf, "train.data.seq_length=0")
     cfg = IterateConfig(run_dir="r", base=driver.BaseModelConfig(hf="h"), train={"data": {"records": "x.jsonl"}})
     with pytest.raises(ConfigError, match=r"train\.data\.records is set by sami-iterate"):
         train_settings(cfg)
+
+
+def test_a_changed_template_field_is_refused_since_sami_train_reads_templates_by_name(tmp_path, base_hf):
+    open_run(tmp_path, base_hf, "template=summarization")  # a template file: sami-train gets the same one
+    with pytest.raises(ConfigError, match=r"template 'dialogue' differs from configs/template/dialogue\.yaml"):
+        open_run(tmp_path, base_hf, "template.response_prefix=X")
 
 
 def header(name: str) -> str:
@@ -161,13 +172,13 @@ def test_each_recipe_resolves_to_valid_typed_configs_and_its_header_says_how_to_
     templates = re.findall(r"sbatch (?:--\S+ )*(slurm/sami_\w+\.sh)", text)
     assert templates, f"the header of recipe/{name}.yaml names no sbatch line"
     for template in templates:
-        assert f'"${{SAMI_RECIPE:={name}}}"' in (ROOT / template).read_text()
+        assert f'"${{SAMI_RECIPE={name}}}"' in (ROOT / template).read_text()
 
 
 @pytest.mark.parametrize("template", sorted(p.name for p in (ROOT / "slurm").glob("sami_*.sh") if p.name != "sami_bench.sh"))
 def test_each_iteration_template_names_a_recipe_and_no_training_settings(template):
     text = (ROOT / "slurm" / template).read_text()
-    (recipe,) = re.findall(r'"\$\{SAMI_RECIPE:=([\w.-]+)\}"', text)
+    (recipe,) = re.findall(r'"\$\{SAMI_RECIPE=([\w.-]+)\}"', text)
     assert recipe in RECIPES
     assert "SAMI_ITERATE_ARGS:=" not in text and "train.optimizer" not in text
 

@@ -17,7 +17,7 @@ IGNORE_TOKEN = 0
 
 
 def pair_microbatch(num_queries: int, C: int, seq_length: int, seed: int) -> dict[str, torch.Tensor]:
-    """Pairs laid out as sami.data.tokenize_record lays them out: row q*C*C + k*C + j is prompt
+    """Pairs laid out as alignment.data.tokenize_record lays them out: row q*C*C + k*C + j is prompt
     (q, k) then response (q, j); tokens/labels shifted by one; the mask starts at the prompt's
     last position."""
     generator = torch.Generator().manual_seed(seed)

@@ -50,6 +50,24 @@ class PromptTemplate:
         return self.prompt.replace("{constitution}", constitution).replace("{query}", query)
 
 
+def load_template(name: str) -> PromptTemplate:
+    """The prompt template ``configs/template/<name>.yaml`` (what ``template=<name>`` selects).
+
+    Raises:
+        ConfigError: no such template file, or its prompt lacks a placeholder.
+    """
+    from omegaconf import OmegaConf
+
+    from megatron_sami.resources import config_dir
+    from megatron_sami.typed_config import to_typed
+
+    template_file = config_dir() / "template" / f"{name}.yaml"
+    if not template_file.is_file():
+        raise ConfigError(f"unknown template '{name}' (no {template_file}); add the file or choose one in "
+                          f"{template_file.parent}.")
+    return to_typed(PromptTemplate, OmegaConf.load(template_file), "template")
+
+
 @dataclass
 class SamiRecord:
     """One query, its C constitutions and the C responses (response j written under constitution j)."""

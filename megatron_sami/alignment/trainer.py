@@ -85,11 +85,17 @@ class DataConfig:
     tokenizer: str | None = None  # default: the checkpoint's hf/ directory
     seq_length: int = 512
     append_eos: bool = False
-    on_overlength: str = "error"  # error | skip: a record longer than seq_length (tokens)
+    on_overlength: str = "error"  # error | drop: a record longer than seq_length (tokens)
     # Each constitution's prompt is processed once per query instead of once per response
-    # (sami/shared_prompt.py): same log-probabilities, fewer tokens. Needs an attention that
+    # (alignment/shared_prompt.py): same log-probabilities, fewer tokens. Needs an attention that
     # applies block masks (the local SDPA spec); with Transformer Engine's the pairs are used.
     share_prompts: bool = True
+
+    def __post_init__(self) -> None:
+        if self.seq_length < 1:
+            raise ConfigError(f"data.seq_length must be >= 1 (tokens), got {self.seq_length}.")
+        if self.on_overlength not in ("error", "drop"):
+            raise ConfigError(f"data.on_overlength '{self.on_overlength}' is unknown; use error or drop.")
 
 
 @dataclass

@@ -33,6 +33,11 @@ class CheckConfig:
 
 
 def describe(cfg) -> str:
+    """One paragraph describing the layout of ``cfg`` (model, TP/PP/EP/CP/DP, parameters per GPU).
+
+    Raises:
+        ConfigError: the model, layout or precision is invalid (the message names the fix).
+    """
     model = model_config_from_dict(cfg.model)
     parallel = to_typed(ParallelConfig, cfg.parallel, "parallel")
     precision = to_typed(PrecisionConfig, cfg.precision, "precision")
@@ -62,6 +67,8 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
+    """``sami-check-config``: validate a model, layout and precision before spending GPU time (exit 2 on an
+    invalid one, with one sentence naming the fix)."""
     register_schema("check_config_schema", defaults_tree(CheckConfig))
     run_hydra_app(_task, "check_config")
 

@@ -98,16 +98,9 @@ def _models(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def _load_template(name: str):
-    from omegaconf import OmegaConf
+    from megatron_sami.alignment.data import load_template
 
-    from megatron_sami.alignment.data import PromptTemplate
-    from megatron_sami.resources import config_dir
-    from megatron_sami.typed_config import to_typed
-
-    template_file = config_dir() / "template" / f"{name}.yaml"
-    if not template_file.is_file():
-        raise SamiError(f"unknown template '{name}' (no {template_file}).")
-    return to_typed(PromptTemplate, OmegaConf.load(template_file), "template")
+    return load_template(name)
 
 
 def _inputs(args) -> dict:
@@ -195,6 +188,7 @@ def _winrate(args) -> None:
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
+    """``sami-eval mi|winrate``: MI estimates or judged win rates of a run or of given models."""
     args = _parser().parse_args(argv)
     if args.command == "winrate":
         import logging

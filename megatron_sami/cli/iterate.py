@@ -44,6 +44,7 @@ def _task(cfg) -> None:
 
 
 def main() -> None:
+    """``sami-iterate``: run or resume expert iteration (exit 2 on bad input, 75 when stopped by a signal)."""
     register_iterate_schema()
     run_hydra_app(_task, "iterate")
 

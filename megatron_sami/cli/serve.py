@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
+    """``sami-serve MODEL_DIR``: serve a local HF model over the OpenAI API until interrupted."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s sami-serve] %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)

@@ -83,6 +83,7 @@ def run(args) -> Path:
 
 @run_main
 def main(argv: list[str] | None = None) -> int:
+    """``sami-write-principles``: ask a model for principles with antitheses and save a constitution set."""
     run(_parser().parse_args(argv))
     return 0
 

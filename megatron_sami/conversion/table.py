@@ -64,6 +64,7 @@ def expand_rules(model: ModelConfig, table: dict | None = None) -> list[Rule]:
 
 
 def ignored_hf_keys(keys: list[str], table: dict | None = None) -> set[str]:
+    """The HF keys the key map's ``ignore_hf`` patterns match (e.g. rotary caches): read, not converted."""
     table = table or load_table()
     patterns = [re.compile(pattern) for pattern in table.get("ignore_hf", [])]
     return {key for key in keys if any(p.fullmatch(key) for p in patterns)}

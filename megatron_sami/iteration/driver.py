@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from megatron_sami.alignment.data import PromptTemplate
+from megatron_sami.alignment.data import PromptTemplate, load_template
 from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, DataError, PhaseError, Preempted
 from megatron_sami.evaluation import mi
 from megatron_sami.evaluation import pairwise as winrate
@@ -59,16 +59,23 @@ DRIVER_TRAIN_KEYS = ("checkpoint", "run_dir", "template", "data.records")
 
 @dataclass
 class BaseModelConfig:
+    """The model every iteration starts from: an HF directory, a converted checkpoint, or both
+    (the missing one is made in the ``prepare`` phase)."""
+
     hf: str | None = None  # HF directory of the base model
     checkpoint: str | None = None  # converted Megatron checkpoint (made from ``hf`` when null)
 
 
 @dataclass
 class LauncherConfig:
+    """How training phases start their processes: ``torchrun --standalone`` with ``nproc_per_node``
+    ranks on this node, or ``prefix`` (e.g. ``srun --kill-on-bad-exit=1``) inside an allocation."""
+
     nproc_per_node: int = 1
     prefix: str | None = None  # e.g. "srun --kill-on-bad-exit=1"; null: torchrun --standalone
 
     def command(self, module: str, args: list[str]) -> list[str]:
+        """The argv that runs ``python -m module args`` under this launcher."""
         if self.prefix:
             return shlex.split(self.prefix) + [sys.executable, "-m", module, *args]
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -77,14 +84,24 @@ class LauncherConfig:
 
 @dataclass
 class EvalConfig:
+    """The MI evaluation after each iteration: ``num_queries`` held-out queries, every sign
+    pattern of ``principles_per_query`` principles (C = 2**P constitutions; P = 2 gives the C = 4 of
+    Fränken et al. 2024, arXiv:2404.14313), greedy responses."""
+
     enabled: bool = True
     num_queries: int = 16
-    principles_per_query: int = 2  # two principles -> the paper's C = 4 sign patterns
+    principles_per_query: int = 2  # two principles -> C = 4 sign patterns, as in Fränken et al. 2024
     max_new_tokens: int = 0  # 0: generation.max_new_tokens
 
 
 @dataclass
 class IterateConfig:
+    """Everything ``sami-iterate`` runs (``configs/iterate.yaml``, the recipes in ``configs/recipe/``).
+
+    Raises:
+        ConfigError: no base model, fewer than one iteration or query, or an unknown ``train_from``.
+    """
+
     run_dir: str = "???"
     base: BaseModelConfig = field(default_factory=BaseModelConfig)
     iterations: int = 3
@@ -168,6 +185,7 @@ def train_settings(cfg: IterateConfig):
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     flat: dict[str, object] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -179,6 +197,8 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
 
 
 def override(key: str, value: object) -> str:
+    """One Hydra command-line override ``key=value`` (None as null, booleans lower-case, strings
+    JSON-quoted so that spaces and commas stay one value)."""
     if value is None:
         return f"{key}=null"
     if isinstance(value, bool):
@@ -199,6 +219,7 @@ class Run:
         validate_sampling(self.cset, cfg.sampling)
         self._check_eval_sampling()
         self.train_settings = train_settings(cfg)
+        self._check_template()
         self._check_paths()
         check_backend_available(cfg.generation)
         if resolved_yaml is not None:
@@ -214,6 +235,14 @@ class Run:
         if self.cfg.evaluation.enabled:
             for split in self.eval_splits():
                 validate_sampling(self.cset, self.eval_sampling(split))
+
+    def _check_template(self) -> None:
+        """sami-train receives the template by name (``template=<name>``): a field changed on the
+        command line would reach generation and evaluation but not training."""
+        if load_template(self.cfg.template.name) != self.cfg.template:
+            raise ConfigError(f"template '{self.cfg.template.name}' differs from configs/template/"
+                              f"{self.cfg.template.name}.yaml, and sami-train reads templates by name; save the "
+                              "changed template as a file in configs/template/ and select it with template=<name>.")
 
     def _check_paths(self) -> None:
         if self.cfg.base.hf and not (Path(self.cfg.base.hf) / "config.json").is_file():
@@ -237,45 +266,56 @@ class Run:
         atomic_write_text(saved, resolved_yaml)
 
     def eval_splits(self) -> list[str]:
+        """The principle splits evaluated: ``train`` (learned), and ``heldout`` when the set has any."""
         splits = ["train"]
         if any(p.split == "heldout" for p in self.cset.principles):
             splits.append("heldout")
         return splits
 
     def eval_sampling(self, split: str) -> SamplingConfig:
+        """The constitution sampling of the MI evaluation for ``split`` (all 2**P sign patterns)."""
         return mi.evaluation_sampling(self.cset, split, self.cfg.evaluation.principles_per_query)
 
     # -- bookkeeping --------------------------------------------------------------------------------
     def done(self, phase: str) -> bool:
+        """Whether ``phase`` is recorded as complete in ``state.json``."""
         return phase in self.state["phases"]
 
     def record(self, phase: str, result: dict) -> None:
+        """Mark ``phase`` complete with its result (``state.json``, fsynced), then rewrite the summary."""
         self.state["phases"][phase] = result | {"completed_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_json(self.dir / "state.json", self.state)
         self.write_summary()
 
     def result(self, phase: str) -> dict:
+        """The recorded result of a completed ``phase``."""
         return self.state["phases"][phase]
 
     # -- paths --------------------------------------------------------------------------------------
     def base_checkpoint(self) -> Path:
+        """The converted base checkpoint (given, or made under ``run_dir/base/megatron``)."""
         return Path(self.cfg.base.checkpoint) if self.cfg.base.checkpoint else self.dir / "base" / "megatron"
 
     def base_hf(self) -> Path:
+        """The base model's HF directory (given, or exported under ``run_dir/base/hf``)."""
         return Path(self.cfg.base.hf) if self.cfg.base.hf else self.dir / "base" / "hf"
 
     def model_hf(self, iteration: int) -> Path:
+        """The HF directory of iteration ``iteration``'s model (0: the base model)."""
         return self.base_hf() if iteration == 0 else self.dir / f"iter{iteration}" / "hf"
 
     def train_dir(self, iteration: int) -> Path:
+        """The ``sami-train`` run directory of iteration ``iteration``."""
         return self.dir / f"iter{iteration}" / "train"
 
     def final_checkpoint(self, iteration: int) -> Path:
+        """The newest complete training checkpoint of iteration ``iteration`` (its ``latest`` pointer)."""
         train_dir = self.train_dir(iteration)
         return train_dir / "checkpoints" / (train_dir / "checkpoints" / "latest").read_text().strip()
 
     # -- running ------------------------------------------------------------------------------------
     def phases(self) -> list[tuple[str, Callable[[], dict]]]:
+        """Every phase of the run in order, as (name recorded in ``state.json``, action)."""
         phases = [("queries", self.split), ("prepare", self.prepare)]
         if self.cfg.evaluation.enabled:
             phases.append(("iter0/evaluate", lambda: self.evaluate(0)))
@@ -299,10 +339,18 @@ class Run:
             self.child.send_signal(number)
 
     def check_stop(self) -> None:
+        """Raises Preempted when a stop signal arrived (called between phases and shards)."""
         if self.stop_signal is not None:
             raise Preempted(f"stopped by {signal.Signals(self.stop_signal).name}; completed phases are kept")
 
     def run(self) -> dict:
+        """Run every incomplete phase in order and return the summary.
+
+        Raises:
+            Preempted: a signal stopped the run (completed phases are kept; rerun to resume).
+            PhaseError: a launched phase failed.
+            SamiError: a phase's input or configuration is wrong (the message names the fix).
+        """
         for number in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(number, self._on_signal)
         phases = self.phases()
@@ -320,7 +368,12 @@ class Run:
         return self.summary()
 
     def launch(self, phase: str, module: str, args: list[str], distributed: bool = True) -> None:
-        """Run a phase's command: through the launcher (training), or as one local process."""
+        """Run a phase's command: through the launcher (training), or as one local process.
+
+        Raises:
+            Preempted: the command exited with code 75, or failed after this driver got a stop signal.
+            PhaseError: the command failed (its output is above).
+        """
         command = self.cfg.launcher.command(module, args) if distributed else [sys.executable, "-m", module, *args]
         logger.info("[iterate] %s: %s", phase, shlex.join(command))
         self.child = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
@@ -334,6 +387,7 @@ class Run:
 
     # -- phases -------------------------------------------------------------------------------------
     def prepare(self) -> dict:
+        """Make the missing form of the base model: convert HF -> Megatron, or export Megatron -> HF."""
         if not self.cfg.base.checkpoint:
             self.launch("prepare", "megatron_sami.cli.convert",
                         ["hf-to-megatron", str(self.base_hf()), str(self.base_checkpoint()), "--overwrite"],
@@ -345,6 +399,7 @@ class Run:
         return {"base_hf": str(self.base_hf()), "base_checkpoint": str(self.base_checkpoint())}
 
     def split(self) -> dict:
+        """Load the query source and write disjoint, seeded query sets: evaluation and one per iteration."""
         queries = load_queries(self.cfg.queries)
         num_eval = self.cfg.evaluation.num_queries if self.cfg.evaluation.enabled else 0
         split = split_queries(queries, self.cfg.iterations, self.cfg.queries_per_iteration, num_eval, self.cfg.seed)
@@ -357,13 +412,17 @@ class Run:
                 "per_iteration": self.cfg.queries_per_iteration}
 
     def queries(self, name: str) -> list[Query]:
+        """The query set ``name`` (``eval`` or ``iterT``) written by :meth:`split`."""
         with (self.dir / "queries" / f"{name}.jsonl").open() as handle:
             return [Query(**json.loads(line)) for line in handle if line.strip()]
 
     def backend_factory(self, model_dir: Path, generation: GenerationConfig):
+        """A function that builds the generation backend of ``model_dir`` when first needed."""
         return lambda: make_backend(model_dir, generation)
 
     def generate(self, t: int) -> dict:
+        """Iteration t's records: the previous model answers each query under each of its C
+        constitutions, written in atomic shards (a rerun keeps finished shards)."""
         model_dir = self.model_hf(t - 1)
         shards = generate_records(self.backend_factory(model_dir, self.cfg.generation), self.queries(f"iter{t}"),
                                   self.cset, self.cfg.sampling, self.cfg.template, self.dir / f"iter{t}" / "generated",
@@ -371,6 +430,11 @@ class Run:
         return {"model": str(model_dir), "shards": len(shards)}
 
     def filter(self, t: int) -> dict:
+        """Filter iteration t's records into ``records.jsonl``.
+
+        Raises:
+            DataError: fewer records than one training step (``train.queries_per_step``) survive.
+        """
         rows = read_shards(sorted((self.dir / f"iter{t}" / "generated").glob("shard-*.jsonl")))
         kept, counts = filter_records(rows, self.cfg.filters)
         logger.info("[iterate] iter%d filters: %s", t, ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -396,6 +460,7 @@ class Run:
                 *[override(k, v) for k, v in flatten(self.cfg.train).items()]]
 
     def train(self, t: int) -> dict:
+        """Run ``sami-train`` for iteration t through the launcher; returns its checkpoint and last step."""
         source = self.train_source(t)
         self.launch(f"iter{t}/train", "megatron_sami.cli.train", self.train_args(t))
         metrics = (self.train_dir(t) / "metrics.jsonl").read_text().splitlines()
@@ -403,6 +468,7 @@ class Run:
                 "last_step": json.loads(metrics[-1])}
 
     def export(self, t: int) -> dict:
+        """Export iteration t's final checkpoint to HF (``iterT/hf``) with ``sami-convert megatron-to-hf``."""
         args = ["megatron-to-hf", str(self.final_checkpoint(t)), str(self.model_hf(t)), "--overwrite"]
         if self.cfg.export_dtype:
             args += ["--dtype", self.cfg.export_dtype]
@@ -411,6 +477,8 @@ class Run:
         return {"hf": str(self.model_hf(t))}
 
     def evaluate(self, t: int) -> dict:
+        """The MI estimates of iteration t's model (0: the base model) on the evaluation queries,
+        per principle split."""
         model_dir, generation = self.model_hf(t), self.eval_generation()
         results = mi.evaluate_model(model_dir, self.queries("eval"), self.cset, self.cfg.template, generation,
                                     self.cfg.evaluation.principles_per_query,
@@ -427,6 +495,7 @@ class Run:
 
     # -- win rates ----------------------------------------------------------------------------------
     def eval_generation(self) -> GenerationConfig:
+        """The generation settings of evaluation: greedy, ``evaluation.max_new_tokens`` if set."""
         return GenerationConfig(**{**vars(self.cfg.generation), "temperature": 0.0,
                                    "max_new_tokens": self.cfg.evaluation.max_new_tokens
                                    or self.cfg.generation.max_new_tokens})
@@ -471,6 +540,7 @@ class Run:
 
     # -- reports ------------------------------------------------------------------------------------
     def summary(self) -> dict:
+        """What the run has measured so far, per iteration (``summary.json``)."""
         phases = self.state["phases"]
         rows = []
         for t in range(0, self.cfg.iterations + 1):
@@ -495,6 +565,7 @@ class Run:
                 "iterations": rows}
 
     def write_summary(self) -> None:
+        """Write ``summary.json`` (atomically) and the MI and win-rate plots."""
         summary = self.summary()
         atomic_write_json(self.dir / "summary.json", summary)
         if any("mi" in row for row in summary["iterations"]):
@@ -530,4 +601,12 @@ def winrate_rows(iterations: list[dict]) -> list[dict]:
 
 
 def run_iterations(cfg: IterateConfig, resolved_yaml: str) -> dict:
+    """Open (or resume) the run directory of ``cfg`` and run every incomplete phase; returns the
+    summary.
+
+    Raises:
+        ConfigError: the run directory holds a run with other settings, or the settings are invalid.
+        Preempted: a signal stopped the run; rerun the same command to resume.
+        PhaseError: a launched phase failed.
+    """
     return Run(cfg, resolved_yaml).run()

@@ -5,16 +5,14 @@
 last training step of each iteration, both MI estimators of the base model and the last
 iteration, the win rates, and the side-by-side samples:
 
-    python -m megatron_sami.iteration.report --run-dir RUN_DIR
+    python -m megatron_sami.cli.report --run-dir RUN_DIR
 
 :func:`mi_of_run` and :func:`winrate_of_run` are ``sami-eval``'s ``--run-dir`` modes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 from megatron_sami.errors import SamiError
@@ -25,8 +23,10 @@ def report(run_dir: Path) -> int:
     """Print the run's summary; returns 0 when the run is complete, 1 otherwise.
 
     Raises:
-        FileNotFoundError: ``run_dir`` has no ``summary.json`` (the run has not started).
+        SamiError: ``run_dir`` has no ``summary.json`` (not a run directory, or not started).
     """
+    if not (run_dir / "summary.json").is_file():
+        raise SamiError(f"{run_dir} has no summary.json; give the run_dir of a sami-iterate run.")
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [row for row in summary["iterations"] if "mi" in row]
     for row in summary["iterations"]:
@@ -109,14 +109,3 @@ def winrate_of_run(run_dir: Path, judge: JudgeConfig, baselines: list[str], posi
     rows = winrate_rows([{"iteration": t, "winrate": run.winrate(t, judge)} for t in exported])
     plot_winrates(rows, run_dir / "winrate.png")
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m megatron_sami.iteration.report --run-dir RUN``: :func:`report`'s exit code."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", type=Path, required=True)
-    return report(parser.parse_args(argv).run_dir)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

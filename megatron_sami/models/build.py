@@ -174,7 +174,7 @@ def build_gpt_model(
 ):
     """Build this rank's part of ``GPTModel`` (its pipeline stage, its TP/EP shards).
 
-    Requires :func:`megatron_sami.runtime.initialize` to have set up the parallel state.
+    Requires :func:`megatron_sami.runtime.distributed.initialize` to have set up the parallel state.
     ``seq_length`` is the longest sequence (tokens) the model will run on.
 
     Raises:

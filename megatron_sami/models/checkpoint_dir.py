@@ -60,8 +60,8 @@ def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
     checkpoint directory; reads only its small files.
 
     Raises:
-        ConversionError: ``ckpt_dir`` lacks model.yaml or weights/ (not a checkpoint directory,
-            or an interrupted write left only ``<dir>.incomplete``).
+        ConversionError: ``ckpt_dir`` lacks model.yaml, weights/ or hf/ (not a checkpoint
+            directory, or an interrupted write left only ``<dir>.incomplete``).
         ConfigError: model.yaml does not describe a valid model.
     """
     ckpt_dir = Path(ckpt_dir)
@@ -69,6 +69,11 @@ def read_checkpoint_model(ckpt_dir: Path) -> tuple[ModelConfig, dict]:
         hint = " (an interrupted run left only .incomplete)" if ckpt_dir.with_name(ckpt_dir.name + ".incomplete").exists() else ""
         raise ConversionError(f"{ckpt_dir} is not a converted checkpoint (needs model.yaml and weights/){hint}; "
                               "run sami-convert hf-to-megatron first.")
+    if not (ckpt_dir / HF_DIR).is_dir():
+        # Training copies hf/ into every checkpoint it writes, and exports read the tokenizer there.
+        raise ConversionError(f"{ckpt_dir} lacks hf/ (the source model's config and tokenizer files); convert it "
+                              "again with sami-convert hf-to-megatron, or copy the HF directory's *.json and "
+                              "tokenizer files into it.")
     model = model_config_from_dict(yaml.safe_load((ckpt_dir / MODEL_FILE).read_text()))
     record_path = ckpt_dir / RECORD_FILE
     conversion = json.loads(record_path.read_text()) if record_path.is_file() else {}

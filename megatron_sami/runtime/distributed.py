@@ -73,7 +73,12 @@ def _int(environ: Mapping[str, str], name: str) -> int:
 
 
 def launch_env_from(environ: Mapping[str, str]) -> LaunchEnv:
-    """Read torchrun variables, else those of an ``srun`` step, else run as one process."""
+    """Read torchrun variables, else those of an ``srun`` step, else run as one process.
+
+    Raises:
+        EnvironmentSetupError: a launcher's variables are incomplete or not integers (the message
+            names the variable).
+    """
     if "RANK" in environ and "WORLD_SIZE" in environ:
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in environ:
@@ -130,10 +135,12 @@ class RuntimeInfo:
 
     @property
     def rank(self) -> int:
+        """This process's global rank."""
         return self.launch.rank
 
     @property
     def is_rank0(self) -> bool:
+        """Whether this process is global rank 0 (the one that writes shared files)."""
         return self.launch.rank == 0
 
 

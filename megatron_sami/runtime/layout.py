@@ -62,6 +62,7 @@ class ParallelConfig:
 
     @property
     def model_parallel_size(self) -> int:
+        """TP x PP x CP: the ranks that hold one copy of the model."""
         return self.tensor * self.pipeline * self.context
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -95,6 +96,9 @@ class ParallelConfig:
                 cannot split; or a world size the layout does not divide. The message names the fix.
         """
         tp, pp, ep = self.tensor, self.pipeline, self.expert
+        if world_size < 1:
+            raise LayoutError(f"world_size={world_size}: a job needs at least one rank (one per GPU); set world_size "
+                              f"to nodes x GPUs per node.")
         if model.num_attention_heads % tp != 0:
             raise LayoutError(
                 f"parallel.tensor={tp} does not divide {model.name}'s {model.num_attention_heads} attention heads; "
@@ -129,17 +133,21 @@ class ParallelConfig:
                 "parallelism; set parallel.sequence_parallel=true."
             )
         if seq_length is not None:
-            if self.sequence_parallel and seq_length % tp != 0:
-                raise LayoutError(
-                    f"sequence length {seq_length} must be divisible by TP={tp} with sequence parallelism; "
-                    "pad the sequences to a multiple of TP."
-                )
-            if self.context > 1 and seq_length % (2 * self.context) != 0:
-                raise LayoutError(
-                    f"sequence length {seq_length} must be divisible by 2 x CP = {2 * self.context}; "
-                    "pad the sequences accordingly."
-                )
+            self._check_sequence_length(seq_length)
         return self.data_parallel_size(world_size)
+
+    def _check_sequence_length(self, seq_length: int) -> None:
+        """Sequence parallelism splits the sequence over TP ranks, context parallelism in 2 x CP chunks."""
+        if self.sequence_parallel and seq_length % self.tensor != 0:
+            raise LayoutError(
+                f"sequence length {seq_length} must be divisible by TP={self.tensor} with sequence parallelism; "
+                "pad the sequences to a multiple of TP."
+            )
+        if self.context > 1 and seq_length % (2 * self.context) != 0:
+            raise LayoutError(
+                f"sequence length {seq_length} must be divisible by 2 x CP = {2 * self.context}; "
+                "pad the sequences accordingly."
+            )
 
 
 def _divisors_hint(model: ModelShape) -> str:

@@ -44,6 +44,8 @@ _installed = False
 
 
 def install() -> None:
+    """Silence the known, harmless warnings and log lines of torch, megatron-core and transformers
+    listed above (once per process)."""
     global _installed
     if _installed:
         return

@@ -4,7 +4,8 @@
 same invariants on the CPU lane (gloo, every machine, CI) and on the GPU lane (NCCL, one GPU
 per rank). The NCCL parameter carries the ``gpu`` mark with a count of 2 (tests/conftest.py
 skips it, with the reason, where fewer GPUs are visible); a job of more ranks than that calls
-:func:`require_gpus_for` to skip where the machine has fewer GPUs than ranks.
+:func:`require_gpus_for` to skip where the machine has fewer GPUs than ranks. A pytest helper:
+it needs the ``dev`` extra (``pip install 'megatron-sami[dev]'``).
 """
 
 from __future__ import annotations
