@@ -1,7 +1,9 @@
 """sami-train end to end through its command line: learning signal, kill + resume, bad input."""
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 import conversion_jobs
+import psutil
 import pytest
 import sami_jobs
 
@@ -78,14 +81,42 @@ def test_killed_run_resumes_on_the_same_loss_curve(setup, tmp_path, optimizer, d
     while not (latest.is_file() and latest.read_text().strip() in killable) and time.monotonic() < deadline:
         assert job.poll() is None, "the run ended before it could be killed"
         time.sleep(0.01)
+    # torchrun starts its workers in sessions of their own: kill them too, or they finish the run and
+    # the rerun resumes at the last step, training nothing (this test passed that way, issue 16).
+    workers = psutil.Process(job.pid).children(recursive=True)
     os.killpg(job.pid, signal.SIGKILL)
+    for worker in workers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
     job.wait()
+    psutil.wait_procs(workers, timeout=60)
     assert metrics(run_dir)[-1]["step"] < steps
     resumed = subprocess.run(train_command(setup, run_dir, *overrides, dtype=dtype), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
+    resumed_at = re.search(r"resumed from \S+ at step (\d+)", resumed.stderr)
+    assert resumed_at and int(resumed_at.group(1)) < steps - 1, resumed.stderr[-3000:]
     expected = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(reference_dir)]
     got = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(run_dir)]
+    assert got == expected
+
+
+def test_a_stopped_run_continues_on_the_same_loss_curve_with_the_distributed_optimizer(setup, tmp_path):
+    """3 steps, then the same run_dir rerun to 8 resumes from step 3: steps 4-8 (five updates from the
+    loaded optimizer state) equal an uninterrupted 8-step run bit for bit. One process, deterministic
+    (the kill test covers the other optimizers, but its kill lands at a step it cannot choose).
+
+    megatron-core 0.19's load gave every parameter the same torch Adam ``step`` tensor, which then
+    advanced once per parameter on each update (issue 16)."""
+    overrides = ("optimizer.use_distributed_optimizer=true",)
+    reference_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "stopped"
+    for directory, steps in ((reference_dir, 8), (run_dir, 3), (run_dir, 8)):
+        done = subprocess.run(train_command(setup, directory, f"steps={steps}", *overrides, nproc=1),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr and "at step 3" in done.stderr, done.stderr[-3000:]
+    expected = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(reference_dir)]
+    got = [(row["step"], row["loss"], row["grad_norm"]) for row in metrics(run_dir)]
+    assert [row[0] for row in got] == list(range(1, 9))
     assert got == expected
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from megatron_sami.cli.common import EXIT_USER_ERROR, fail, run_main
 from megatron_sami.errors import SamiError
+
+FOLLOWER_WAIT_S = 60.0  # seconds a non-first process waits to be ended by its launcher
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +114,11 @@ def check_before_start(args) -> None:
     except SamiError as err:
         if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
             fail(str(err))
+        # The first process prints the sentence. Exiting first here would make the launcher
+        # (torchrun, srun --kill-on-bad-exit) end the first process before it has printed, so wait
+        # for the launcher to end this one once the first has exited (every process runs the same
+        # check and fails the same way); give up after a generous minute.
+        time.sleep(FOLLOWER_WAIT_S)
         raise SystemExit(EXIT_USER_ERROR) from None
 
 

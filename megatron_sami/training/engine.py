@@ -154,11 +154,18 @@ def optimizer_step_count(optimizer) -> int:
 
 
 def set_optimizer_step_count(optimizer, count: int) -> None:
-    """Restore the update count: a load into the freshly materialised state may leave torch
-    Adam's ``step`` at 1, which changes the bias correction of the next updates."""
+    """Restore the update count after a checkpoint load, as one ``step`` tensor per parameter.
+
+    megatron-core 0.19's ``DistributedOptimizer.load_state_dict`` (torch Adam, no Apex/TE) puts
+    one and the same ``step`` tensor into every parameter's state, and its dp_reshardable load
+    then copies the materialised placeholder (1) into it. torch's Adam increments ``step`` in
+    place once per parameter, so a shared tensor would advance by the number of parameters per
+    update and give every parameter but the first a wrong bias correction: a fresh tensor each
+    (same dtype and device), not a fill of the shared one.
+    """
     for state in _adam_states(optimizer):
         if "step" in state:
-            state["step"].fill_(count)
+            state["step"] = torch.full_like(state["step"], count)
 
 
 @dataclass
