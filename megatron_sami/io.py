@@ -88,19 +88,10 @@ def atomic_output(path: Path | str) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def _atomic_text(path: Path | str, encoding: str) -> Iterator[TextIO]:
-    """An open text handle on a temporary file that replaces ``path`` when the block succeeds."""
-    path = Path(path)
-    fd, staging = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w", encoding=encoding) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+    """An open text handle on a temporary file that replaces ``path`` when the block succeeds
+    (:func:`atomic_output`, with the file opened for the caller)."""
+    with atomic_output(path) as staging, staging.open("w", encoding=encoding) as handle:
+        yield handle
 
 
 def atomic_write_text(path: Path | str, text: str, encoding: str = "utf-8") -> None:
