@@ -95,3 +95,24 @@ class RequestError(Exception):
 class DistributedJobError(AssertionError):
     """Raised by the multi-process test harness when ranks failed or hung; the message holds each
     rank's report. An ``AssertionError``, so pytest reports it as a test failure."""
+
+
+class OutputOverlapError(SamiError):
+    """Raised when a command's output path is, contains, or lies inside one of its inputs (writing
+    there would delete or replace the input); nothing was written."""
+
+
+class StorageError(SamiError):
+    """Raised when the file system refuses a write or read (disk full, read-only, no permission);
+    the message names the path and the errno's text."""
+
+
+class BrokenDependencyError(EnvironmentSetupError, ImportError):
+    """Raised when an installed package fails to import in a way its importers do not handle
+    (e.g. Transformer Engine's torch extension built for another torch); the message names the
+    import that failed and the fix. Also an ``ImportError``, so code that treats an unimportable
+    module as absent (multiprocessing's fork-server preload) still does."""
+
+
+class RunInUse(SamiError):
+    """Another process holds the run directory's lock (:mod:`megatron_sami.runlock`)."""

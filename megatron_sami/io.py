@@ -26,12 +26,15 @@ Directories that are written as a whole (checkpoints, HF exports) are staged and
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
+
+from megatron_sami.errors import OutputOverlapError, StorageError
 
 
 def fsync_dir(path: Path) -> None:
@@ -165,3 +168,97 @@ def rewrite_jsonl(path: Path | str, keep: Callable[[Any], bool]) -> None:
             if number < len(lines):
                 raise
     atomic_write_jsonl(path, (row for row in rows if keep(row)))
+
+
+def _same_or_inside(inner: Path, outer: Path) -> bool:
+    """Whether ``inner`` is ``outer`` or lies inside it, both already resolved. Compared by name
+    and, for the parts that exist, by (device, inode), so a bind mount or a second name of a
+    directory is caught too."""
+    if inner == outer or outer in inner.parents:
+        return True
+    with contextlib.suppress(OSError):
+        target = outer.stat()
+        for ancestor in (inner, *inner.parents):
+            with contextlib.suppress(OSError):
+                found = ancestor.stat()
+                if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                    return True
+    return False
+
+
+def check_output_apart(output: Path | str, inputs: Mapping[str, Path | str], siblings: Iterable[str] = ()) -> None:
+    """Refuse an output path that is, contains, or lies inside one of the command's inputs.
+
+    Writing (or ``--overwrite``) there would delete or replace the input, so a command checks this
+    before it writes anything. Symlinks and ``..`` are resolved; ``siblings`` are suffixes of
+    paths the command also writes or removes beside the output (``".incomplete"`` for a staged
+    output), checked the same way.
+
+    Args:
+        output: the path the command writes (it need not exist).
+        inputs: what each input is called in the message (e.g. ``"HF source"``) -> its path.
+        siblings: name suffixes of the output's staging paths.
+
+    Raises:
+        OutputOverlapError: the output (or a sibling) is an input, contains one, or lies in one.
+    """
+    output = Path(output)
+    candidates = [output, *(output.with_name(output.name + suffix) for suffix in siblings)]
+    for label, given in inputs.items():
+        source = Path(given).resolve()
+        for candidate in candidates:
+            target = candidate.resolve()
+            if _same_or_inside(target, source):
+                where = "is" if _same_or_inside(source, target) else "lies inside"
+            elif _same_or_inside(source, target):
+                where = "contains"
+            else:
+                continue
+            shown = output if candidate == output else candidate
+            raise OutputOverlapError(
+                f"the output path {shown} {where} the {label} {given}, so writing it could delete or change the "
+                f"{label}; choose an output path that neither is, contains nor lies inside {given}.")
+
+
+# errno values a user fixes on the file system (space, quota, permissions, a read-only mount).
+STORAGE_ERRNOS = {errno.ENOSPC: "free space on that file system or choose another path",
+                  errno.EDQUOT: "free space within your quota or choose another path",
+                  errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another file system",
+                  errno.EROFS: "the file system is mounted read-only: choose a writable path",
+                  errno.EACCES: "choose a path you may write to, or change its permissions",
+                  errno.EPERM: "choose a path you may write to, or change its permissions"}
+
+
+def storage_error(err: OSError, path: Path | str | None = None) -> StorageError | None:
+    """The one-sentence :class:`~megatron_sami.errors.StorageError` for a file-system refusal
+    (disk full, quota, file-size limit, read-only, permission), or None for other OSErrors
+    (those are bugs or stay as they are). ``path`` names the file when ``err`` does not."""
+    if err.errno not in STORAGE_ERRNOS:
+        return None
+    where = err.filename if err.filename is not None else path
+    text = err.strerror or os.strerror(err.errno)
+    subject = f"{where}" if where is not None else "a file operation"
+    return StorageError(f"{subject}: {text}; {STORAGE_ERRNOS[err.errno]}, then run again.")
+
+
+def short_write_error(path: Path | str | None = None) -> StorageError:
+    """The :class:`~megatron_sami.errors.StorageError` for a write that ``torch.save`` reports
+    only as "unexpected pos N vs M": its C++ writer swallows the file system's ``OSError``, so
+    the cause is named from what can still be seen (a file-size limit on this process, a file
+    system without free space), else given as the possible causes. ``path`` is the output."""
+    import resource
+
+    where = f"writing {path}" if path is not None else "writing a checkpoint file"
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return StorageError(f"{where} failed: File too large (this process has a file-size limit); "
+                            f"{STORAGE_ERRNOS[errno.EFBIG]}, then run again.")
+    existing = Path(path).absolute() if path is not None else None
+    while existing is not None and not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing is not None:
+        status = os.statvfs(existing)
+        if status.f_bavail * status.f_frsize < 1 << 20:
+            return StorageError(f"{where} failed: No space left on device; {STORAGE_ERRNOS[errno.ENOSPC]}, "
+                                "then run again.")
+    return StorageError(f"{where} was cut short by the file system (disk full, quota or file-size limit); "
+                        "free space or choose another path, then run again.")

@@ -20,6 +20,7 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def submission(args: argparse.Namespace, nodes: int) -> tuple[list[str], dict[str, str]]:
     tasks = max(args.gpus_per_node, 1)
     command = ["sbatch", "--wait", "--parsable", f"--nodes={nodes}", f"--ntasks-per-node={tasks}",
-               f"--output={args.out / f'nodes-{nodes}.out'}", *args.sbatch_args.split()]
+               f"--output={args.out / f'nodes-{nodes}.out'}", *shlex.split(args.sbatch_args)]
     if args.gpus_per_node > 0:
         command.append(f"--gpus-per-node={args.gpus_per_node}")
     command.append(str(ROOT / "slurm" / "sami_bench.sh"))

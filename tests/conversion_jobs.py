@@ -23,10 +23,10 @@ def hf_logits(hf_dir: Path, tokens_BT: torch.Tensor) -> torch.Tensor:
         return model(tokens_BT).logits
 
 
-def to_megatron(hf_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1) -> None:
+def to_megatron(hf_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1, dtype: str | None = None) -> None:
     parallel = ParallelConfig(pipeline=pipeline, expert=expert)
     with megatron_runtime(parallel):
-        convert.hf_to_megatron(Path(hf_dir), Path(out_dir), parallel)
+        convert.hf_to_megatron(Path(hf_dir), Path(out_dir), parallel, dtype=dtype)
 
 
 def to_hf(ckpt_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1, max_shard_bytes: int = 10**9) -> None:

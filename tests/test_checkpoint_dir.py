@@ -45,3 +45,30 @@ def test_output_path_checks(tmp_path):
         check_output_path(tmp_path, overwrite=False)
     check_output_path(tmp_path, overwrite=True)
     check_output_path(tmp_path / "new", overwrite=False)
+
+
+@pytest.mark.parametrize(
+    ("file_name", "content", "expected"),
+    [("model.yaml", b"name: tiny\nfamily: [llama\n", "model.yaml is not valid YAML"),
+     ("model.yaml", b"- llama\n", "model.yaml holds a YAML list"),
+     ("model.yaml", b"name: caf\xe9\n", "model.yaml is not valid YAML"),
+     ("conversion.json", b'{"params_dtype": ', "conversion.json is not valid JSON"),
+     ("conversion.json", b"[1]", "conversion.json is not a JSON object")],
+    ids=["yaml-syntax", "yaml-list", "not-utf8", "json-syntax", "json-list"],
+)
+def test_unreadable_small_files_are_one_sentence_naming_the_file(tmp_path, file_name, content, expected):
+    write_model_files(tmp_path, load_model_config("tiny-llama"), {})
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / file_name).write_bytes(content)
+    with pytest.raises(ConversionError, match=expected):
+        read_checkpoint_model(tmp_path)
+
+
+def test_an_output_overlapping_an_input_is_refused_before_the_overwrite_question(tmp_path):
+    from megatron_sami.errors import OutputOverlapError
+
+    with pytest.raises(OutputOverlapError, match="contains the checkpoint"):
+        check_output_path(tmp_path, overwrite=False, inputs={"checkpoint": tmp_path / "ckpt"})
+    with pytest.raises(OutputOverlapError, match="is the checkpoint"):
+        check_output_path(tmp_path / "ckpt", overwrite=True, inputs={"checkpoint": tmp_path / "ckpt"})

@@ -89,8 +89,8 @@ def test_sami_iterate_passes_only_what_was_set_so_a_changed_train_default_reache
     run = open_run(tmp_path, base_hf, "train.optimizer.lr=2e-6")
     args = run.train_args(1)
     records = tmp_path / "run" / "iter1" / "records.jsonl"
-    assert args == [f'checkpoint="{run.base_checkpoint()}"', f'data.records="{records}"', f'run_dir="{run.train_dir(1)}"',
-                    "template=dialogue", "queries_per_step=32", "data.seq_length=1024", 'data.on_overlength="drop"',
+    assert args == [f"checkpoint='{run.base_checkpoint()}'", f"data.records='{records}'", f"run_dir='{run.train_dir(1)}'",
+                    "template=dialogue", "queries_per_step=32", "data.seq_length=1024", "data.on_overlength='drop'",
                     "optimizer.lr=2e-06"]
     # Change two of sami-train's defaults (a top-level one and a nested one), as a new release would.
     fields = TrainConfig.__dataclass_fields__

@@ -68,3 +68,96 @@ def test_hf_scorer_matches_one_sequence_at_a_time(tmp_path):
             per_token = [logp[len(prompt) - 1 + i, token].item() for i, token in enumerate(answer)]
             assert got["sum"][k, j].item() == pytest.approx(sum(per_token), abs=1e-3)
             assert got["mean"][k, j].item() == pytest.approx(sum(per_token) / len(per_token), abs=1e-4)
+
+
+def random_matrices(count: int, C: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        mean_S = torch.randn(C, C, generator=generator)
+        out.append({"mean": mean_S, "sum": mean_S * 9})
+    return out
+
+
+def test_estimates_are_the_mean_and_error_of_the_per_query_values():
+    matrices = random_matrices(6, 4, seed=3)
+    got = mi.estimates(matrices)
+    per_query = [mi.query_estimates(m) for m in matrices]
+    for key in ("info_nce_bound", "paper_mi", "acc_row", "acc_col"):
+        values = [q[key] for q in per_query]
+        assert got[key]["mean"] == pytest.approx(statistics.mean(values))
+        assert got[key]["se"] == pytest.approx(statistics.stdev(values) / math.sqrt(6))
+        assert got[key]["n"] == 6
+    assert got["num_constitutions"] == 4
+
+
+def write_scores(path, ids, matrices):
+    import json
+
+    with path.open("w") as out:
+        for query_id, m in zip(ids, matrices, strict=True):
+            out.write(json.dumps({"id": query_id, "sum": m["sum"].tolist(), "mean": m["mean"].tolist()}) + "\n")
+
+
+def test_a_launched_scorer_writes_the_records_and_reads_the_matrices_in_order(tmp_path):
+    from megatron_sami.alignment.data import read_records
+
+    records = [SamiRecord(f"q{i}", f"query {i}", ["1. be kind", "1. be rude"], [f"yes {i}", f"no {i}"],
+                          {"signs": [[1], [-1]]}) for i in range(3)]
+    matrices = random_matrices(3, 2, seed=1)
+    launched = []
+
+    def launch(records_path, matrices_path):
+        launched.append(records_path)
+        assert [r.id for r in read_records(records_path)] == ["q0", "q1", "q2"]
+        write_scores(matrices_path, [r.id for r in records], matrices)
+
+    scorer = mi.launched_scorer(launch, lambda label: tmp_path / f"eval-{label}")
+    got = scorer("learned", records)
+    assert launched == [tmp_path / "eval-learned" / "scoring-records.jsonl"]
+    for g, m in zip(got, matrices, strict=True):
+        assert torch.equal(g["sum"], m["sum"]) and torch.equal(g["mean"], m["mean"])
+    assert mi.estimates(got) == mi.estimates(matrices)
+
+    def launch_reordered(records_path, matrices_path):
+        write_scores(matrices_path, ["q1", "q0", "q2"], matrices)
+
+    with pytest.raises(mi.DataError, match="not the 3 of"):
+        mi.launched_scorer(launch_reordered, lambda label: tmp_path / "other")("learned", records)
+
+
+@pytest.mark.parametrize("line, fix", [
+    ('{"id": "a", "sum": [[1, 2], [3, 4]]}', "not a row"),
+    ('{"id": "a", "sum": [[1, 2], [3, 4]], "mean": [[1, 2, 3]]}', "C x C"),
+    ('{"id": "a", "sum": [[1]], "mean": [[1]]}', "C >= 2"),
+    ("not json", "not a row"),
+])
+def test_a_malformed_scores_file_is_one_sentence(tmp_path, line, fix):
+    (tmp_path / "m.jsonl").write_text(line + "\n")
+    with pytest.raises(mi.DataError, match=fix):
+        mi.read_matrices(tmp_path / "m.jsonl")
+    with pytest.raises(mi.DataError, match="run sami-score first"):
+        mi.read_matrices(tmp_path / "missing.jsonl")
+
+
+def test_evaluate_model_scores_with_the_given_scorer(tmp_path):
+    from megatron_sami.rollout.constitutions import load_constitution_set
+    from megatron_sami.rollout.generation import Completion, GenerationConfig
+    from megatron_sami.rollout.queries import Query
+
+    class Echo:
+        def generate(self, prompts):
+            return [Completion(f"answer {len(p)}", True, 2) for p in prompts]
+
+    calls = []
+
+    def scorer(label, records):
+        calls.append((label, [r.id for r in records]))
+        return random_matrices(len(records), records[0].num_constitutions, seed=len(calls))
+
+    queries = [Query(f"q{i}", f"question {i}?") for i in range(3)]
+    cset = load_constitution_set("dialogue")
+    results = mi.evaluate_model(tmp_path / "no-model", queries, cset, PromptTemplate(), GenerationConfig(), 2,
+                                lambda split: tmp_path / split, 7, "test", backend_factory=Echo, scorer=scorer)
+    assert calls == [("learned", ["q0", "q1", "q2"])] and list(results) == ["learned"]
+    assert results["learned"] == mi.estimates(random_matrices(3, 4, seed=1))

@@ -104,3 +104,42 @@ def test_rewrite_jsonl_keeps_rows_and_drops_a_torn_last_line(tmp_path):
     with pytest.raises(json.JSONDecodeError):
         io.rewrite_jsonl(log, lambda row: True)
     assert log.read_text() == '{"step": 1}\n{"st\n{"step": 3}\n'
+
+
+@pytest.mark.parametrize(
+    ("output", "refused"),
+    [("src", "is"), (".", "contains"), ("src/sub/out", "lies inside"), ("link", "is"), ("src/../src", "is"),
+     ("link/out", "lies inside"), ("src2", None), ("other/out", None), ("src.incomplete", "is")],
+)
+def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(tmp_path, output, refused):
+    from megatron_sami.errors import OutputOverlapError
+    from megatron_sami.io import check_output_apart
+
+    (tmp_path / "src" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "src", target_is_directory=True)
+    source = tmp_path / "src.incomplete" if output == "src.incomplete" else tmp_path / "src"
+    source.mkdir(exist_ok=True)
+    target = tmp_path / ("src" if output == "src.incomplete" else output)
+    if refused is None:
+        check_output_apart(target, {"source": source}, (".incomplete",))
+        return
+    with pytest.raises(OutputOverlapError, match=f"{refused} the source {source}"):
+        check_output_apart(target, {"source": source}, (".incomplete",))
+
+
+def test_a_bind_mounted_or_renamed_source_is_caught_by_inode(tmp_path, monkeypatch):
+    """Two names of one directory that no path comparison links (here: os.stat of a second
+    name reports the source's inode, as a bind mount does)."""
+    from megatron_sami.errors import OutputOverlapError
+    from megatron_sami.io import check_output_apart
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    real_stat = os.stat
+
+    def fake_stat(path, *args, **kwargs):
+        return real_stat(tmp_path / "src" if str(path) == str(tmp_path / "mnt") else path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", fake_stat)
+    with pytest.raises(OutputOverlapError, match="lies inside"):
+        check_output_apart(tmp_path / "mnt" / "out", {"source": tmp_path / "src"})

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from judge_server import FakeJudge
 
-from megatron_sami.evaluation.judge import JudgeConfig, JudgeError
+from megatron_sami.evaluation.judge import JudgeClient, JudgeConfig, JudgeError
 from megatron_sami.evaluation.pairwise import evaluate_pair
-from megatron_sami.evaluation.winrate import JUDGE_PROMPT, JUDGE_SYSTEM
+from megatron_sami.evaluation.winrate import JUDGE_PROMPT, JUDGE_SYSTEM, Comparison, judge_messages
 from megatron_sami.rollout.constitutions import load_constitution_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,3 +276,116 @@ def test_learned_and_heldout_principles_are_reported_separately(tmp_path):
     assert result["splits"]["heldout"]["win_rate"]["mean"] == 0.0
     assert set(result["splits"]["heldout"]["principles"]) == set(heldout)
     assert all(block["win_rate"]["n"] == 4 for block in result["splits"]["learned"]["principles"].values())
+
+
+# -- transport security and faults (httpx) --------------------------------------------------------
+
+SECRET = "sk-test-REDIRECT-5150"
+
+
+def keyed_client(url: str, monkeypatch, tmp_path: Path, **overrides) -> JudgeClient:
+    monkeypatch.setenv("SAMI_TEST_JUDGE_KEY", SECRET)
+    return JudgeClient(judge_config(url, api_key_env="SAMI_TEST_JUDGE_KEY", **overrides), tmp_path / "cache")
+
+
+MESSAGES = judge_messages(Comparison("q0", "question", "learned", "helpful", "Be helpful.", "x GOOD", "y"), seed=0)
+
+
+@pytest.mark.parametrize("how", ["check_reachable", "complete", "evaluate"])
+def test_the_key_never_follows_a_redirect_to_another_origin(how, monkeypatch, tmp_path):
+    with FakeJudge() as other, FakeJudge(api_key=SECRET, redirect_to=other.url) as first:
+        client = keyed_client(first.url, monkeypatch, tmp_path)
+        with pytest.raises(JudgeError, match=f"redirecting to {other.url}/.*set judge.base_url") as raised:
+            if how == "check_reachable":
+                client.check_reachable()
+            elif how == "complete":
+                client.complete(MESSAGES)
+            else:
+                evaluate(client.cfg, tmp_path / "eval")
+        assert first.requests and all(auth == f"Bearer {SECRET}" for _, _, auth in first.requests)
+        assert other.requests == []  # not followed at all: no key, and no POST turned into a GET verdict
+    assert SECRET not in str(raised.value)
+    assert not (tmp_path / "eval" / "judgements.jsonl").exists() and not list(tmp_path.rglob("*.json"))
+
+
+def test_models_redirect_within_the_origin_is_followed(monkeypatch, tmp_path):
+    with FakeJudge(api_key=SECRET, models_moved=True) as judge:
+        keyed_client(judge.url, monkeypatch, tmp_path).check_reachable()
+    assert judge.requests == [("GET", "/v1/models", f"Bearer {SECRET}"), ("GET", "/v1/models/", f"Bearer {SECRET}")]
+
+
+def test_reply_cut_mid_body_is_retried(tmp_path):
+    with FakeJudge(faults=["truncate"]) as judge:
+        result = evaluate(judge_config(judge.url, concurrency=1), tmp_path / "eval")
+    assert judge.seen == 16 + 1 and result["all"]["malformed"] == 0
+    assert result["all"]["win_rate"]["mean"] == pytest.approx(EXPECTED)
+
+
+def test_timeout_bounds_the_whole_request_not_each_read(tmp_path):
+    # The reply arrives one byte every 0.2 s: each read is quick, the whole reply takes ~40 s.
+    with FakeJudge(faults=["trickle"]) as judge:
+        client = JudgeClient(judge_config(judge.url, timeout_s=1, max_retries=0), tmp_path / "cache")
+        with pytest.raises(JudgeError, match="no complete reply within 1 s"):
+            client.complete(MESSAGES)
+    assert judge.answered == []
+
+
+@pytest.mark.parametrize(("url", "key", "warned"), [
+    ("http://10.1.2.3:8000/v1", SECRET, True),
+    ("http://judge.example.org/v1", SECRET, True),
+    ("http://10.1.2.3:8000/v1", None, False),  # no key, nothing to leak
+    ("https://10.1.2.3:8000/v1", SECRET, False),
+    ("http://127.0.0.1:8000/v1", SECRET, False),
+    ("http://127.8.9.10:8000/v1", SECRET, False),
+    ("http://localhost:8000/v1", SECRET, False),
+    ("http://[::1]:8000/v1", SECRET, False),
+])
+def test_a_key_over_plain_http_beyond_loopback_is_warned_about_once(url, key, warned, monkeypatch, caplog, tmp_path):
+    from megatron_sami.evaluation import judge as judge_module
+
+    monkeypatch.setattr(judge_module, "_warned_plain_http", set())
+    if key:
+        monkeypatch.setenv("SAMI_TEST_JUDGE_KEY", key)
+    else:
+        monkeypatch.delenv("SAMI_TEST_JUDGE_KEY", raising=False)
+    with caplog.at_level("WARNING", logger="megatron_sami.evaluation.judge"):
+        for _ in range(2):
+            JudgeClient(judge_config(url, api_key_env="SAMI_TEST_JUDGE_KEY"), tmp_path)
+    warnings = [record.getMessage() for record in caplog.records if "plain http" in record.getMessage()]
+    assert len(warnings) == (1 if warned else 0)
+    assert all(SECRET not in message for message in warnings)
+
+
+def write_fake_models(tmp_path: Path) -> tuple[Path, Path]:
+    """Directories that pass the HF-directory check but hold no model: generating would fail."""
+    dirs = []
+    for name in ("test-model", "baseline-model"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "config.json").write_text("{}")
+        dirs.append(tmp_path / name)
+    return dirs[0], dirs[1]
+
+
+@pytest.mark.parametrize(("mode", "judge_fault"), [("models", "down"), ("models", "wrong key"), ("run-dir", "down")])
+def test_an_unusable_judge_fails_before_anything_is_generated(mode, judge_fault, tmp_path, monkeypatch, capsys):
+    from megatron_sami.cli.eval import main
+
+    test, baseline = write_fake_models(tmp_path)
+    monkeypatch.setenv("SAMI_TEST_JUDGE_KEY", "sk-wrong")
+    server = FakeJudge(api_key=SECRET)
+    url = server.url
+    if judge_fault == "down":
+        server.stop()
+    where = (["--test", str(test), "--baseline-model", str(baseline), "--out", str(tmp_path / "out")]
+             if mode == "models" else ["--run-dir", str(tmp_path / "run")])
+    try:  # in-process, to keep it fast; test_unreachable_judge_is_one_clear_error runs the command itself
+        with pytest.raises(SystemExit) as exit_info:
+            main(["winrate", *where, "--judge-url", url, "--judge-model", "judge", "--judge-api-key-env",
+                  "SAMI_TEST_JUDGE_KEY", "--num-queries", "2"])
+    finally:
+        server.stop()
+    stderr = capsys.readouterr().err
+    expected = "cannot reach the judge" if judge_fault == "down" else "refused the API key"
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(errors) == 1 and expected in errors[0], stderr[-2000:]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

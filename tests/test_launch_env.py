@@ -3,7 +3,12 @@
 import pytest
 
 from megatron_sami.errors import EnvironmentSetupError
-from megatron_sami.runtime.distributed import choose_backend, launch_env_from, parse_slurm_nodelist
+from megatron_sami.runtime.distributed import (
+    choose_backend,
+    launch_env_from,
+    local_device_index,
+    parse_slurm_nodelist,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,3 +75,57 @@ def test_nccl_without_a_gpu_names_the_cpu_backend():
         pytest.skip("a GPU is visible: NCCL is allowed here")
     with pytest.raises(EnvironmentSetupError, match="backend 'gloo'"):
         choose_backend("nccl", {})
+
+
+@pytest.mark.parametrize(("local_rank", "device_count", "device"), [
+    (0, 8, 0), (5, 8, 5),  # every GPU of the node visible: the local rank picks one
+    (5, 1, 0), (0, 1, 0),  # one GPU per task (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES=<its GPU>)
+])
+def test_local_device_is_the_local_rank_or_the_one_visible_gpu(local_rank, device_count, device):
+    assert local_device_index(local_rank, device_count) == device
+
+
+@pytest.mark.parametrize(("local_rank", "device_count"), [(2, 2), (0, 0)])
+def test_a_local_rank_without_a_gpu_is_a_clear_error(local_rank, device_count):
+    with pytest.raises(EnvironmentSetupError, match=f"local rank {local_rank} has no GPU"):
+        local_device_index(local_rank, device_count)
+
+
+AWKWARD = ["/runs/a b", "/runs/it's", "/runs/a,b", "/runs/café", "/runs/日本", 'q"x', "back\\slash", "end\\",
+           "x${y}", "a\\'b", "[1]", "null", "1.5", "key=value", "%j"]
+
+
+@pytest.mark.parametrize("value", AWKWARD)
+def test_an_override_reaches_the_program_unchanged(value):
+    """What sami-train's Hydra makes of the driver's override: spaces, quotes, commas (no sweep),
+    non-ASCII (no JSON escape), interpolation syntax, backslashes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from megatron_sami.iteration.driver import override
+
+    parsed = OverridesParser.create().parse_override(override("run_dir", value))
+    config = OmegaConf.create({"run_dir": None})
+    config.run_dir = parsed.value()
+    assert OmegaConf.to_container(config, resolve=True)["run_dir"] == value
+
+
+def test_the_launcher_prefix_is_an_argument_list_and_logs_per_phase_and_attempt(monkeypatch):
+    from megatron_sami.errors import ConfigError
+    from megatron_sami.iteration.driver import LauncherConfig
+
+    run = "/scratch/my run, it's/café 100%"
+    launcher = LauncherConfig(prefix=["srun", "--nodes=2", f"--container-mounts={run}:{run}"],
+                              python="python3", log_dir=f"{run}/logs")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert launcher.command("megatron_sami.cli.train", ["a=1"], "iter2/train") == [
+        "srun", "--nodes=2", f"--container-mounts={run}:{run}",
+        "--output=/scratch/my run, it's/café 100%%/logs/iter2-train-%j.1-rank%t.log", "--open-mode=append",
+        "python3", "-m", "megatron_sami.cli.train", "a=1"]
+    # the old string form is still read (split as a shell would)
+    old = LauncherConfig(prefix="srun --kill-on-bad-exit=1")
+    assert old.command("m", [])[:2] == ["srun", "--kill-on-bad-exit=1"]
+    with pytest.raises(ConfigError, match="list of arguments"):
+        LauncherConfig(prefix={"srun": 1})
+    with pytest.raises(ConfigError, match="needs launcher.prefix"):
+        LauncherConfig(log_dir="/logs")

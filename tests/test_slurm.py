@@ -3,6 +3,9 @@
 The cluster is started by ``scripts/slurm_cluster.sh`` (CI installs slurm-wlm and munge). Jobs are
 submitted with ``sbatch`` through the same launcher as the GPU templates; training runs as one
 gloo rank per node. Outside CI, a machine without Slurm skips these tests visibly; in CI they fail.
+
+The machine may be slow and shared: every wait is on a file or a job state, polled, with a deadline
+of many minutes, and ends early with the job's output when the job has left the queue.
 """
 
 import csv
@@ -79,13 +82,27 @@ def in_queue(cluster, job_id: str) -> bool:
     return bool(listed.stdout.strip())
 
 
-def wait_for(predicate, timeout=900, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+WAIT_S = 2400  # a deadline, not a duration: the waits end as soon as their event happens
+
+
+def wait_for(predicate, what: str, timeout: float = WAIT_S, cluster=None, job_id: str | None = None,
+             output: Path | None = None):
+    """Poll ``predicate`` until it holds; fail after ``timeout`` s, or as soon as ``job_id`` has
+    left the queue without it (a failed job), with the job's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+        if job_id is not None and not in_queue(cluster, job_id) and not predicate():
+            text = output.read_text()[-3000:] if output is not None and output.exists() else ""
+            raise AssertionError(f"job {job_id} ended ({job_state(cluster, job_id)}) before {what}:\n{text}")
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def rank_logs(run_dir: Path, phase: str) -> dict[str, str]:
+    """Each per-rank log of ``phase`` (``iter1-train``): file name -> text."""
+    return {path.name: path.read_text() for path in sorted((run_dir / "logs").glob(f"{phase}-*-rank*.log"))}
 
 
 def final_weights(run_dir: Path) -> dict:
@@ -93,9 +110,14 @@ def final_weights(run_dir: Path) -> dict:
     return {key: reader.get(key) for key in reader.keys()}
 
 
+# The reference run's directory holds a space, a comma, a quote and non-ASCII characters: the
+# launcher passes it to the driver, srun and sami-train intact (issue 14).
+AWKWARD_NAME = "uninterrupted run, it's café 日本"
+
+
 @pytest.fixture(scope="module")
 def reference(cluster, tiny):
-    run_dir = tiny / "uninterrupted"
+    run_dir = tiny / AWKWARD_NAME
     result, job_id, output = sbatch(cluster, tiny, run_dir)
     assert result.returncode == 0, (result.stderr, output.read_text() if output and output.exists() else "")
     return run_dir, output
@@ -104,10 +126,13 @@ def reference(cluster, tiny):
 def test_two_node_run_completes_and_resubmission_does_no_work(cluster, tiny, reference):
     run_dir, output = reference
     assert json.loads((run_dir / "summary.json").read_text())["complete"]
-    rank_logs = sorted(p.name for p in (run_dir / "logs").glob("train-*-rank*.log"))
-    assert any(name.endswith("rank0.log") for name in rank_logs) and any(name.endswith("rank1.log") for name in rank_logs)
-    rank0 = next((run_dir / "logs").glob("train-*-rank0.log")).read_text()
-    assert "runtime: slurm world=2" in rank0 and "DP=2" in rank0
+    assert json.loads((run_dir / "summary.json").read_text())["run_dir"] == str(run_dir)
+    assert (run_dir / "iter2" / "train" / "metrics.jsonl").exists()  # sami-train got the path intact
+    for phase in ("iter1-train", "iter2-train"):  # one log per phase, attempt and rank
+        logs = rank_logs(run_dir, phase)
+        assert sorted(name.rsplit("-", 1)[1] for name in logs) == ["rank0.log", "rank1.log"], logs.keys()
+        rank0 = next(text for name, text in logs.items() if name.endswith(".0-rank0.log"))
+        assert "runtime: slurm world=2" in rank0 and "DP=2" in rank0
     before = (run_dir / "state.json").read_text()
     again, _, again_output = sbatch(cluster, tiny, run_dir)
     assert again.returncode == 0
@@ -118,10 +143,11 @@ def test_two_node_run_completes_and_resubmission_does_no_work(cluster, tiny, ref
 
 def test_cancelled_job_resubmitted_ends_with_the_same_checkpoint(cluster, tiny, reference, tmp_path):
     run_dir = tmp_path / "cancelled"
-    _, job_id, _ = sbatch(cluster, tiny, run_dir, wait=False)
-    wait_for(lambda: (run_dir / "iter1" / "train" / "checkpoints" / "step_000001").is_dir(), what="the first checkpoint")
+    _, job_id, output = sbatch(cluster, tiny, run_dir, wait=False)
+    wait_for(lambda: (run_dir / "iter1" / "train" / "checkpoints" / "step_000001").is_dir(), "the first checkpoint",
+             cluster=cluster, job_id=job_id, output=output)
     subprocess.run(["scancel", job_id], env=os.environ | {"SLURM_CONF": cluster["SLURM_CONF"]}, check=True)
-    wait_for(lambda: not in_queue(cluster, job_id), what="the cancelled job to leave the queue")
+    wait_for(lambda: not in_queue(cluster, job_id), "the cancelled job to leave the queue")
     assert job_state(cluster, job_id) == "CANCELLED"  # not requeued by the launcher
     assert not json.loads((run_dir / "summary.json").read_text())["complete"]
     result, _, output = sbatch(cluster, tiny, run_dir)
@@ -135,14 +161,20 @@ def test_cancelled_job_resubmitted_ends_with_the_same_checkpoint(cluster, tiny, 
 def test_time_limit_signal_checkpoints_requeues_and_completes(cluster, tiny, reference, tmp_path):
     run_dir = tmp_path / "signalled"
     _, job_id, output = sbatch(cluster, tiny, run_dir, wait=False)
-    wait_for(lambda: (run_dir / "iter1" / "train" / "metrics.jsonl").exists(), what="training to start")
+    wait_for(lambda: (run_dir / "iter1" / "train" / "metrics.jsonl").exists(), "training to start",
+             cluster=cluster, job_id=job_id, output=output)
     # What --signal=B:USR1@60 does before the time limit: signal the batch shell.
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=os.environ | {"SLURM_CONF": cluster["SLURM_CONF"]},
                    check=True)
+    # A requeued job leaves the queue only for a moment (or not at all): watch its state, not the queue.
     wait_for(lambda: (run_dir / "summary.json").exists() and json.loads((run_dir / "summary.json").read_text())["complete"]
-             and job_state(cluster, job_id) in ("COMPLETED", "GONE"), timeout=1200, what="the requeued job to finish")
+             and job_state(cluster, job_id) in ("COMPLETED", "GONE"), "the requeued job to finish")
     text = output.read_text()
     assert "requeueing job" in text and "(restart 1)" in text
+    # The first attempt's training logs survive the requeue beside the second attempt's.
+    logs = rank_logs(run_dir, "iter1-train") | rank_logs(run_dir, "iter2-train")
+    assert "runtime: slurm world=2" in logs[f"iter1-train-{job_id}.0-rank0.log"], logs.keys()
+    assert any(name.endswith(f"-{job_id}.1-rank0.log") and "runtime: slurm" in text for name, text in logs.items())
     expected, got = final_weights(reference[0]), final_weights(run_dir)
     for name in expected:
         assert (expected[name] == got[name]).all(), name

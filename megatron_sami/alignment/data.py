@@ -107,30 +107,45 @@ def parse_record(line: str, where: str) -> SamiRecord:
     if len(constitutions) < 2 or len(constitutions) != len(responses):
         raise DataError(f"{where}: needs C >= 2 constitutions and exactly one response per constitution, "
                         f"got {len(constitutions)} and {len(responses)}.")
-    for index, text in enumerate(responses):
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{where}: response {index} is empty; filter the records before training.")
-    if not all(isinstance(text, str) and text.strip() for text in constitutions):
-        raise DataError(f"{where}: every constitution must be a non-empty string.")
+    for kind, texts in (("response", responses), ("constitution", constitutions)):
+        for index, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise DataError(f"{where}: {kind} {index} is {json.dumps(text)} ({_json_type(text)}), not a string; "
+                                f"every {kind} must be text.")
+            if not text.strip():
+                raise DataError(f"{where}: {kind} {index} is empty; filter the records before training.")
     if not isinstance(raw["query"], str):
         raise DataError(f"{where}: query must be a string.")
     extra = {key: value for key, value in raw.items() if key not in ("id", "query", "constitutions", "responses")}
     return SamiRecord(str(raw.get("id", where)), raw["query"], constitutions, responses, extra)
 
 
+def _json_type(value) -> str:
+    """What JSON calls ``value``'s type (number, boolean, null, array, object)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {int: "a number", float: "a number", type(None): "null", list: "an array", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
 def read_records(path: str | Path) -> list[SamiRecord]:
     """All records of a JSONL file; every record must have the same C.
 
     Raises:
-        DataError: the file is missing or empty, a line is not a valid record
+        DataError: the file is missing or empty, a line is not UTF-8 text or not a valid record
             (:func:`parse_record`), or two records differ in C.
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"records file {path} does not exist; check data.records_path.")
+        raise DataError(f"records file {path} does not exist; check data.records.")
     records = []
-    with path.open() as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{number}: byte {err.start + 1} of the line (0x{raw[err.start]:02x}) is not "
+                                "UTF-8 text; re-encode the file as UTF-8 or remove the line.") from err
             if line.strip():
                 records.append(parse_record(line, f"{path}:{number}"))
     if not records:

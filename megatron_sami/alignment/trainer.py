@@ -8,12 +8,19 @@ Reads top to bottom: :func:`train` = runtime -> :func:`setup` (data, model, opti
 -> a loop of :func:`run_step` (batch, learning rate, step, metrics row), checkpoint and signal
 agreement -> close. Run directory:
 
-    config.yaml          the resolved config of every start
+    .lock                held by the running trainer (one trainer per run directory)
+    config.yaml          the resolved config the run continues with
+    config_history/      the configs replaced by a resume with changed settings (alignment/resume.py)
     metrics.jsonl        one JSON object per optimizer step
     tensorboard/         the same metrics for TensorBoard
     checkpoints/step_N/  model (a checkpoint directory that sami-convert exports), optimizer/,
-                         trainer_state/ (step, data position, RNG per rank)
+                         trainer_state/ (state.json: step, data position, layout; rng/: RNG per rank)
     checkpoints/latest   the name of the newest complete checkpoint (written last, atomically)
+
+A resumed run (same command, same ``run_dir``) continues the uninterrupted run's loss curve bit
+for bit at the same layout; at another data-parallel size, or another TP/PP/EP with
+``optimizer.checkpoint_format=fully_reshardable``, it continues within the rounding of the
+reordered reductions (:mod:`megatron_sami.alignment.resume`).
 """
 
 from __future__ import annotations
@@ -38,11 +45,13 @@ from megatron_sami.alignment.data import (
     tokenize_records,
     used_lengths,
 )
+from megatron_sami.alignment.flops import step_flops
 from megatron_sami.alignment.objective import SamiLossConfig
+from megatron_sami.alignment.resume import Layout, TrainerState, check_layout, config_changes, record_config
 from megatron_sami.alignment.schedule import LRSchedule
 from megatron_sami.alignment.shared_prompt import PAD_SEGMENT, share_microbatches
 from megatron_sami.alignment.step import sami_forward_step
-from megatron_sami.errors import ConfigError, Preempted
+from megatron_sami.errors import CheckpointError, ConfigError, Preempted, RunInUse
 from megatron_sami.io import append_jsonl, atomic_write_text, rewrite_jsonl
 from megatron_sami.models.build import applies_attention_masks
 from megatron_sami.models.checkpoint import save_weights, staged_output
@@ -52,6 +61,7 @@ from megatron_sami.models.checkpoint_dir import (
     write_checkpoint_description,
 )
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.runlock import RunLock
 from megatron_sami.runtime.distributed import RuntimeInfo, collective_device, logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
 from megatron_sami.training.checkpointing import (
@@ -174,27 +184,92 @@ def trim_padding(micro: list[dict[str, torch.Tensor]], seq_length: int, multiple
     return trimmed, max(lengths)
 
 
-def save_training_checkpoint(run_dir: Path, step: int, ddp_model, optimizer, source_ckpt: Path, position: int) -> Path:
+def optimizer_format(cfg: TrainConfig) -> str:
+    """How this run's optimizer state is checkpointed: the distributed optimizer's configured
+    format, or ``model_space`` (megatron-core's other optimizers store state per parameter)."""
+    return cfg.optimizer.checkpoint_format if cfg.optimizer.use_distributed_optimizer else "model_space"
+
+
+def run_layout(info: RuntimeInfo) -> Layout:
+    """This process group's layout, as recorded in a checkpoint's trainer state."""
+    parallel = info.parallel
+    return Layout(world_size=info.launch.world_size, tensor=parallel.tensor, pipeline=parallel.pipeline,
+                  expert=parallel.expert, context=parallel.context, data_parallel=info.data_parallel_size)
+
+
+def save_training_checkpoint(run: TrainRun) -> Path:
     """Model + optimizer + trainer state, all staged and renamed; then the ``latest`` pointer
     (collective). Returns ``run_dir/checkpoints/step_N``, a checkpoint directory that exports
-    like a converted one (its description copied from ``source_ckpt``)."""
-    checkpoints = run_dir / "checkpoints"
-    final = checkpoints / f"step_{step:06d}"
-    rank = dist.get_rank()
-    with staged_output(final) as staging:
-        if rank == 0:
-            write_checkpoint_description(source_ckpt, staging)
-            for sub in ("optimizer", "trainer_state"):
-                (staging / sub).mkdir()
-        save_weights(ddp_model, staging / "weights")
-        save_optimizer(ddp_model, optimizer, staging / "optimizer")
-        torch.save({"step": step, "position": position, "rng": rng_state(),
-                    "optimizer_steps": optimizer_step_count(optimizer)},
-                   staging / "trainer_state" / f"rank{rank:05d}.pt")
+    like a converted one (its description copied from the source checkpoint).
+
+    Raises:
+        CheckpointError: a rank failed to write (e.g. the disk is full); nothing of this step's
+            checkpoint remains and the previous one is still ``latest``.
+    """
+    checkpoints = run.run_dir / "checkpoints"
+    final = checkpoints / f"step_{run.step:06d}"
+    rank, fmt = dist.get_rank(), optimizer_format(run.cfg)
+    state = TrainerState(step=run.step, position=run.position, optimizer_steps=optimizer_step_count(run.optimizer),
+                         optimizer_format=fmt, layout=run_layout(run.info))
+    try:
+        with staged_output(final) as staging:
+            if rank == 0:
+                write_checkpoint_description(Path(run.cfg.checkpoint), staging)
+                for sub in ("optimizer", "trainer_state/rng"):
+                    (staging / sub).mkdir(parents=True)
+            dist.barrier()
+            save_weights(run.ddp_model, staging / "weights")
+            save_optimizer(run.ddp_model, run.optimizer, staging / "optimizer", fmt)
+            _agree_on_local_writes(lambda: _write_trainer_state(staging / "trainer_state", state, rank))
+    except BaseException as err:  # noqa: B036 - DCP reports a failed write as a BaseException subclass
+        if isinstance(err, KeyboardInterrupt | SystemExit | Preempted):
+            raise
+        raise CheckpointError(f"writing checkpoint {final} failed: {_write_failure(err, run.run_dir)}; fix that and "
+                              f"rerun the same command to resume from {run.last_saved or 'the start'}.") from err
     if rank == 0:
         atomic_write_text(checkpoints / "latest", final.name + "\n")
     dist.barrier()
     return final
+
+
+def _write_trainer_state(directory: Path, state: TrainerState, rank: int) -> None:
+    if rank == 0:
+        state.write(directory)
+    torch.save(rng_state(), directory / "rng" / f"rank{rank:05d}.pt")
+
+
+def _agree_on_local_writes(write: Callable[[], None]) -> None:
+    """Run a per-rank write; if it fails on any rank, every rank raises (no rank is left waiting
+    in the next collective)."""
+    error: BaseException | None = None
+    try:
+        write()
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
+        error = err
+    if any_rank(error is not None):
+        raise error or CheckpointError("another rank failed to write its part of the checkpoint (see its log)")
+
+
+def _write_failure(err: BaseException, run_dir: Path) -> str:
+    """One clause for why a checkpoint write failed, naming a full disk when that is the cause."""
+    import errno
+    import shutil
+
+    seen, pending = [], [err]
+    while pending:
+        current = pending.pop()
+        if current is None or current in seen:
+            continue
+        seen.append(current)
+        pending += [current.__cause__, current.__context__]
+        pending += [pair[0] for pair in getattr(current, "failures", {}).values() if isinstance(pair, tuple)]
+    text = " ".join(str(e) for e in seen)
+    if any(getattr(e, "errno", None) == errno.ENOSPC for e in seen) or "No space left" in text or \
+            "unexpected pos" in text:
+        free_mb = shutil.disk_usage(run_dir).free / 2**20
+        return f"no space left on the device of {run_dir} ({free_mb:.0f} MiB free)"
+    oserrors = [e for e in seen if isinstance(e, OSError)]
+    return str(oserrors[0] if oserrors else seen[-1]).splitlines()[0]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -207,18 +282,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
-def load_training_state(path: Path, ddp_model, optimizer) -> dict:
-    """Fill model, optimizer and this rank's RNGs from a training checkpoint (collective); returns
-    the trainer state (``step``, ``position``, ``rng``, ``optimizer_steps``).
+def load_training_state(path: Path, state: TrainerState, layout: Layout, ddp_model, optimizer) -> None:
+    """Fill model, optimizer and (at the saved layout) this rank's RNGs from the training
+    checkpoint ``path`` whose trainer state is ``state`` (collective). At another layout the RNG
+    streams are this start's (seeded by ``seed``): nothing in a SAMI step draws from them unless
+    the model has dropout.
 
     Raises:
         CheckpointError: the checkpoint's weights do not fit the model.
     """
-    load_model_and_optimizer(ddp_model, optimizer, path / "weights", path / "optimizer")
-    trainer_state = torch.load(path / "trainer_state" / f"rank{dist.get_rank():05d}.pt", weights_only=False)
-    set_optimizer_step_count(optimizer, trainer_state["optimizer_steps"])
-    set_rng_state(trainer_state["rng"])
-    return trainer_state
+    load_model_and_optimizer(ddp_model, optimizer, path / "weights", path / "optimizer", state.optimizer_format)
+    set_optimizer_step_count(optimizer, state.optimizer_steps)
+    if state.layout == layout:
+        set_rng_state(torch.load(path / "trainer_state" / "rng" / f"rank{dist.get_rank():05d}.pt", weights_only=True))
+    else:
+        logger.warning("resuming %s (saved at %s) at %s: the data order and the optimizer state continue; the RNG "
+                       "streams restart from this start's seed", path, state.layout.describe(), layout.describe())
 
 
 def used_tokens(micro: dict[str, torch.Tensor]) -> int:
@@ -274,20 +353,25 @@ class MetricsWriter:
 
 
 class StopRequest:
-    """Set by SIGUSR1 (Slurm's time-limit warning, ``--signal``) or SIGTERM (preemption, scancel);
-    every rank stops after the same step, once the flag has been agreed over all ranks. Each run
-    owns one (:attr:`TrainRun.stop`)."""
+    """Set by SIGUSR1 (Slurm's time-limit warning, ``--signal``), SIGTERM (preemption, scancel) or
+    SIGINT (Ctrl-C; torchrun passes it on to its workers); every rank stops after the same step,
+    once the flag has been agreed over all ranks, and checkpoints. A second SIGINT stops at once,
+    losing the step in progress. Each run owns one (:attr:`TrainRun.stop`)."""
 
     def __init__(self) -> None:
         self.requested = False
 
     def install(self) -> None:
-        """Route SIGUSR1 and SIGTERM of this process to this request."""
-        for number in (signal.SIGUSR1, signal.SIGTERM):
+        """Route SIGUSR1, SIGTERM and SIGINT of this process to this request."""
+        for number in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
         self.requested = True
+        if number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            logger.warning("interrupted: checkpointing after this step (Ctrl-C again stops at once, losing it)")
+            return
         logger.warning("received %s: checkpointing after this step", signal.Signals(number).name)
 
     def agreed(self) -> bool:
@@ -314,6 +398,7 @@ class TrainRun:
     share_prompts: bool
     multiple: int  # trimmed lengths are rounded up to this
     peak_tflops: float | None  # the GPU's dense peak, for MFU
+    lock: RunLock | None  # the run directory's lock (rank 0)
     step: int = 0  # optimizer steps done
     position: int = 0  # queries consumed from the endless seeded order
     last_saved: Path | None = None
@@ -360,43 +445,83 @@ def _shares_prompts(cfg: TrainConfig, model: torch.nn.Module) -> bool:
     return share_prompts
 
 
-def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolved_yaml: str) -> TrainRun:
-    """Data, model, DDP, optimizer and (from ``run_dir/checkpoints/latest``) the resumed state
-    (collective). Installs the run's signal handlers.
+@dataclass
+class Resume:
+    """Where a start continues from: the checkpoint, its trainer state and the settings changed."""
+
+    checkpoint: Path | None = None
+    state: TrainerState | None = None
+    changes: dict[str, tuple[object, object]] = field(default_factory=dict)
+
+
+def claim_run_dir(cfg: TrainConfig, info: RuntimeInfo, resolved_yaml: str) -> tuple[RunLock | None, Resume]:
+    """Before anything in the run directory is written (collective): take its lock (rank 0), find
+    the checkpoint to resume from, check that its optimizer state loads at this layout and that
+    the changed settings may change.
 
     Raises:
-        ConfigError: the batch sizes do not split over the data-parallel ranks.
+        RunInUse: another trainer holds the run directory.
+        LayoutError: the saved optimizer state cannot be loaded at this layout.
+        ConfigError: a setting changed that cannot change within a run.
+        CheckpointError: the checkpoint's trainer state is missing or malformed.
+    """
+    run_dir = Path(cfg.run_dir)
+    lock, refusal = None, None
+    if info.is_rank0:
+        try:
+            lock = RunLock(run_dir, "sami-train").acquire()
+        except RunInUse as err:
+            refusal = str(err)
+    if any_rank(refusal is not None):
+        raise RunInUse(refusal or f"{run_dir} is in use by another trainer (rank 0 names it)")
+    resume = Resume(checkpoint=latest_checkpoint(run_dir))
+    if resume.checkpoint is not None:
+        resume.state = TrainerState.read(resume.checkpoint / "trainer_state")
+        check_layout(resume.state, run_layout(info), resume.checkpoint)
+        if (run_dir / "config.yaml").is_file():
+            resume.changes = config_changes((run_dir / "config.yaml").read_text(), resolved_yaml, run_dir)
+    return lock, resume
+
+
+def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolved_yaml: str) -> TrainRun:
+    """Run directory, data, model, DDP, optimizer and (from ``run_dir/checkpoints/latest``) the
+    resumed state (collective). Installs the run's signal handlers.
+
+    Raises:
+        RunInUse, LayoutError, ConfigError, CheckpointError: see :func:`claim_run_dir`; also
+            ConfigError when the batch sizes do not split over the data-parallel ranks.
         DataError: too few usable records (see :func:`read_training_data`).
         CheckpointError: the checkpoint's weights (or those resumed from) do not fit the model.
     """
-    num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
-    tokenized, num_constitutions = read_training_data(cfg)
-    run_dir = Path(cfg.run_dir)
-    if info.is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", resolved_yaml)
-    _, model = load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
-                                     cfg.data.seq_length, cfg.recompute_activations)
-    ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
-    optimizer = build_optimizer(ddp_model, cfg.optimizer)
-    step, position = 0, 0
-    resume_from = latest_checkpoint(run_dir)
-    if resume_from is not None:
-        state = load_training_state(resume_from, ddp_model, optimizer)
-        step, position = state["step"], state["position"]
-        logger.info("resumed from %s at step %d", resume_from, step)
     stop = StopRequest()
     stop.install()
-    peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16") if cfg.precision.params_dtype == "bf16" else None
+    num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
+    tokenized, num_constitutions = read_training_data(cfg)  # refused input leaves no run directory
+    lock, resume = claim_run_dir(cfg, info, resolved_yaml)
+    step, position = (resume.state.step, resume.state.position) if resume.state else (0, 0)
+    if info.is_rank0:
+        record_config(Path(cfg.run_dir), resolved_yaml, resume.changes, step)
+    for key, (old, new) in resume.changes.items():
+        logger.info("resume: %s changed from %r to %r (takes effect from step %d)", key, old, new, step + 1)
+    _, model = load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
+                                     cfg.data.seq_length, cfg.recompute_activations, precision=cfg.precision)
+    ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
+    optimizer = build_optimizer(ddp_model, cfg.optimizer)
+    if resume.state is not None:
+        load_training_state(resume.checkpoint, resume.state, run_layout(info), ddp_model, optimizer)
+        logger.info("resumed from %s at step %d", resume.checkpoint, step)
+    peak = peak_tflops("fp8" if cfg.precision.fp8 else "bf16", cfg.precision.peak_tflops) \
+        if cfg.precision.params_dtype == "bf16" or cfg.precision.peak_tflops else None
     return TrainRun(
         cfg=cfg, info=info, model_config=model_config, tokenized=tokenized, num_constitutions=num_constitutions,
         ddp_model=ddp_model, optimizer=optimizer,
         forward_step=sami_forward_step(num_constitutions, cfg.loss, model_config.vocab_size),
-        metrics=MetricsWriter(run_dir, step, info.is_rank0), stop=stop, num_microbatches=num_microbatches,
+        metrics=MetricsWriter(Path(cfg.run_dir), step, info.is_rank0), stop=stop, num_microbatches=num_microbatches,
         data_parallel_rank=data_parallel_rank(), share_prompts=_shares_prompts(cfg, model),
         # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
         multiple=math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor),
-        peak_tflops=peak, step=step, position=position, last_saved=resume_from, first_step=step + 1)
+        peak_tflops=peak, lock=lock, step=step, position=position, last_saved=resume.checkpoint,
+        first_step=step + 1)
 
 
 def next_microbatches(run: TrainRun) -> tuple[list[dict[str, torch.Tensor]], int]:
@@ -419,12 +544,15 @@ def metrics_row(run: TrainRun, result: StepResult, lr: float, micro: list[dict[s
                 data_s: float, step_time_s: float) -> dict:
     """The step's row of metrics.jsonl (collective: token counts are summed over data-parallel ranks).
 
-    Throughput counts the tokens the sequences use; model FLOPs (hence TFLOP/s and MFU) count
-    what the step processed, padding included (what the GPUs compute), per process.
+    Throughput counts the tokens the sequences use; model FLOPs (hence TFLOP/s and MFU) are
+    counted as Megatron-LM counts them (:mod:`megatron_sami.alignment.flops`: real tokens, causal
+    attention over each row's real blocks, logits where computed), per process.
     """
-    tokens, processed = step_token_counts(micro)
+    tokens, _ = step_token_counts(micro)
     world_size = run.info.launch.world_size
-    flops = run.model_config.training_flops_per_token(length) * processed
+    flops_step = torch.tensor([step_flops(run.model_config, micro, logits_everywhere=run.cfg.parallel.sequence_parallel)],
+                           dtype=torch.float64, device=collective_device())
+    flops = float(sum_over_data_parallel(flops_step)[0])
     tflops = flops / step_time_s / world_size / 1e12
     return {"step": run.step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,
             "grad_norm": result.grad_norm, "tokens_per_s": tokens / step_time_s,
@@ -469,8 +597,11 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
         DataError: too few usable records.
         ConversionError: ``cfg.checkpoint`` is not a checkpoint directory.
         CheckpointError: its weights (or those of the checkpoint resumed from) do not fit the model.
-        Preempted: SIGUSR1/SIGTERM arrived; the run checkpointed and can resume.
+        RunInUse: another trainer works in ``run_dir``.
+        CheckpointError: a checkpoint could not be written (e.g. a full disk).
+        Preempted: SIGUSR1, SIGTERM or SIGINT arrived; the run checkpointed and can resume.
     """
+    cfg.precision.check_hardware()  # FP8 without TE or a capable GPU: refused before any work
     model_config, _ = read_checkpoint_model(Path(cfg.checkpoint))
     with megatron_runtime(cfg.parallel, model=model_config, seed=cfg.seed, seq_length=cfg.data.seq_length) as info:
         run = setup(cfg, info, model_config, resolved_yaml)
@@ -481,11 +612,12 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
                 log_progress(run, row)
                 stop = run.stop.agreed()
                 if run.step == cfg.steps or stop or (cfg.save_interval and run.step % cfg.save_interval == 0):
-                    run.last_saved = save_training_checkpoint(run.run_dir, run.step, run.ddp_model, run.optimizer,
-                                                              Path(cfg.checkpoint), run.position)
+                    run.last_saved = save_training_checkpoint(run)
                     logger.info("checkpoint %s", run.last_saved)
                 if stop and run.step < cfg.steps:
                     raise Preempted(f"stopped by a signal after step {run.step}; checkpoint {run.last_saved}")
         finally:
             run.metrics.close()
+            if run.lock is not None:
+                run.lock.release()
         return run.last_saved

@@ -1,23 +1,41 @@
-"""What every command-line entry point shares: Hydra setup and user-facing errors.
+"""What every command-line entry point shares: Hydra setup and one error boundary.
 
-A :class:`~megatron_sami.errors.SamiError` ends the program with its one-sentence message
-and exit code 2; :class:`~megatron_sami.errors.Preempted` ends it with exit code 75 so a batch
-script can requeue itself; anything else is a bug and keeps its traceback. The Hydra commands
-get this from :func:`run_hydra_app`, the argparse commands from :func:`run_main`.
+The boundary (:func:`run_main` for the argparse commands, :func:`run_hydra_app` for the Hydra
+ones) maps every error a user can fix to one line, ``error: <sentence>``, and exit code 2,
+printed once per launch, not once per process (:func:`fail_once`):
+
+- a :class:`~megatron_sami.errors.SamiError`: its own sentence;
+- a file-system refusal (``OSError`` with ENOSPC, EDQUOT, EFBIG, EROFS, EACCES, EPERM), also when
+  it is the cause of another error (``torch.save`` reports a full disk as "unexpected pos"):
+  the path, the system's text and the fix (:func:`megatron_sami.io.storage_error`);
+- ``torch.save``'s "unexpected pos" (a write the file system cut short; its C++ writer drops the
+  ``OSError``): the output path and the cause as far as it can be seen;
+- torch DCP's ``CheckpointException``, which wraps each rank's failure during a distributed
+  checkpoint save or load: the first rank's failure, mapped as above.
+
+:class:`~megatron_sami.errors.Preempted` ends the program with exit code 75 so a batch script
+can requeue itself; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
+import signal
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import NoReturn
 
 from megatron_sami.errors import EXIT_PREEMPTED, Preempted, SamiError
+from megatron_sami.io import short_write_error, storage_error
 from megatron_sami.models.catalogue import model_names
 from megatron_sami.resources import config_dir
 
 EXIT_USER_ERROR = 2
+FOLLOWER_WAIT_S = 60.0  # seconds a non-first process waits to be ended by its launcher
 
 
 def fail(message: str) -> NoReturn:
@@ -26,23 +44,94 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_USER_ERROR)
 
 
+def is_first_process() -> bool:
+    """Whether this is the first process of its launch (torchrun's RANK, srun's SLURM_PROCID),
+    or the only one."""
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0"
+
+
+def fail_once(message: str) -> NoReturn:
+    """:func:`fail`, printed by the first process of a multi-process launch only.
+
+    Every process of a launch usually meets the same error. Exiting first from another process
+    would make the launcher (torchrun, srun --kill-on-bad-exit) end the first one before it has
+    printed, so the others wait for the launcher to end them once the first has exited; one that
+    is still alive after a generous minute (its error was its own) prints and exits.
+    """
+    if not is_first_process():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a training run's handler would outlive the wait
+        time.sleep(FOLLOWER_WAIT_S)
+    fail(message)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """``err`` and the errors it was raised from or while handling, nearest first."""
+    chain: list[BaseException] = []
+    while err is not None and err not in chain and len(chain) < 16:
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    return chain
+
+
+def user_error(err: BaseException, path: Path | str | None = None) -> SamiError | None:
+    """The :class:`SamiError` that describes ``err`` when a user can fix it, else None (a bug).
+
+    Args:
+        path: the output path to name when a file-system refusal does not carry its file name.
+    """
+    if isinstance(err, SamiError):
+        return err
+    failures = getattr(err, "failures", None)
+    if type(err).__name__ == "CheckpointException" and isinstance(failures, dict):
+        for rank in sorted(failures):  # torch DCP: {rank: (exception, traceback summary)}
+            found = user_error(failures[rank][0], path)
+            if found is not None:
+                return found
+        return None
+    for cause in _causes(err):
+        if isinstance(cause, OSError):
+            refusal = storage_error(cause, path)
+            if refusal is not None:
+                return refusal
+        if isinstance(cause, RuntimeError) and "unexpected pos" in str(cause):  # torch.save's short write
+            return short_write_error(path)
+    return None
+
+
+def with_flag_names(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with each Hydra key of ``flags`` (``parallel.expert``) written as the argparse
+    option that sets it (``--expert``): ``parallel.expert=3`` becomes ``--expert 3``."""
+    for key, flag in flags.items():
+        message = re.sub(rf"\b{re.escape(key)}=([\w+-]+(?:\.\d+)?)", rf"{flag} \1", message)
+        message = re.sub(rf"\b{re.escape(key)}\b", flag, message)
+    return message
+
+
 def _exit_preempted(stop: Preempted) -> NoReturn:
     print(f"preempted: {stop}; rerun the same command to resume.", file=sys.stderr)
     raise SystemExit(EXIT_PREEMPTED) from None
 
 
-def run_main(main: Callable[[list[str] | None], int | None]) -> Callable[[list[str] | None], int]:
-    """Wrap an argparse entry point ``main(argv) -> exit code``: a :class:`SamiError` becomes one
-    line on stderr and exit code 2, :class:`Preempted` exit code 75; use as a decorator."""
+def run_main(main: Callable[[list[str] | None], int | None] | None = None, *,
+             flags: Mapping[str, str] | None = None):
+    """Wrap an argparse entry point ``main(argv) -> exit code`` in the error boundary (module
+    docstring): a user's error becomes one line on stderr and exit code 2, :class:`Preempted`
+    exit code 75. Use as ``@run_main``, or ``@run_main(flags={"parallel.expert": "--expert"})``
+    so that messages name the command's own options instead of the Hydra keys."""
+    if main is None:
+        return functools.partial(run_main, flags=flags)
 
     @functools.wraps(main)
     def entry(argv: list[str] | None = None) -> int:
         try:
             code = main(argv)
-        except SamiError as err:
-            fail(str(err))
         except Preempted as stop:
             _exit_preempted(stop)
+        except BaseException as err:
+            found = None if isinstance(err, (SystemExit, KeyboardInterrupt)) else user_error(err)
+            if found is None:
+                raise
+            fail_once(with_flag_names(str(found), flags or {}))
         return 0 if code is None else code
 
     return entry
@@ -147,11 +236,27 @@ def _check_composes(argv: list[str], config_name: str) -> None:
             fail(_composition_error(err, name))
 
 
-def run_hydra_app(task: Callable, config_name: str) -> None:
+def _check_not_taken(argv: list[str], not_taken: Mapping[str, str]) -> None:
+    """A key the command does not take (``model=`` on ``sami-train``, also as ``+model=``) gets
+    the command's own reason instead of Hydra's "use +model=..." or a guess at a close key."""
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        for refused, why in not_taken.items():
+            if "=" in arg and (key == refused or key.startswith(refused + ".")):
+                fail(f"'{arg}': {why}")
+
+
+def run_hydra_app(task: Callable, config_name: str, not_taken: Mapping[str, str] | None = None) -> None:
     """Run ``task(cfg)`` as a Hydra app over the project's ``configs/`` directory (from the
-    checkout or, in a wheel install, from inside the package: see :mod:`megatron_sami.resources`)."""
+    checkout or, in a wheel install, from inside the package: see :mod:`megatron_sami.resources`),
+    inside the error boundary (module docstring).
+
+    Args:
+        not_taken: top-level keys this command does not take -> why, and what to do instead.
+    """
     import hydra
 
+    _check_not_taken(sys.argv[1:], not_taken or {})
     _check_model_choice(sys.argv[1:])
     _check_composes(sys.argv[1:], config_name)
 
@@ -159,9 +264,12 @@ def run_hydra_app(task: Callable, config_name: str) -> None:
     def _app(cfg) -> None:
         try:
             task(cfg)
-        except SamiError as err:
-            fail(str(err))
         except Preempted as stop:
             _exit_preempted(stop)
+        except BaseException as err:
+            found = None if isinstance(err, (SystemExit, KeyboardInterrupt)) else user_error(err)
+            if found is None:
+                raise
+            fail_once(str(found))
 
     _app()

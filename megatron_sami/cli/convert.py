@@ -1,27 +1,29 @@
 """``sami-convert``: HF <-> Megatron checkpoints for Llama, Mistral and Mixtral.
 
-    sami-convert hf-to-megatron HF_DIR OUT_DIR [--pipeline P] [--expert E] [--overwrite]
+    sami-convert hf-to-megatron HF_DIR OUT_DIR [--pipeline P] [--expert E] [--dtype D] [--overwrite]
     sami-convert megatron-to-hf CKPT_DIR OUT_DIR [--pipeline P] [--expert E] [--dtype D] [--overwrite]
     torchrun --nproc-per-node N -m megatron_sami.cli.convert verify HF_DIR CKPT_DIR \\
         [--tensor T] [--pipeline P] [--expert E] [--new-tokens 16]
 
 One process converts a small model; for large ones launch with torchrun or srun and split the
 layers with --pipeline (and experts with --expert): each process reads and holds only its part.
-Errors print one sentence naming the fix and exit with code 2; nothing half-written is left.
+The checkpoint keeps the source's dtype (fp16 stays fp16, so the round trip is bitwise); --dtype
+casts. Errors print one sentence naming the fix and exit with code 2; nothing half-written is
+left, and an output that is, contains or lies inside the source is refused (even with --overwrite).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 from pathlib import Path
 
-from megatron_sami.cli.common import EXIT_USER_ERROR, fail, run_main
+from megatron_sami.cli.common import fail_once, run_main, user_error
 from megatron_sami.errors import SamiError
 
-FOLLOWER_WAIT_S = 60.0  # seconds a non-first process waits to be ended by its launcher
+# The layout settings' Hydra keys (in shared error messages) -> this command's options.
+FLAGS = {"parallel.tensor": "--tensor", "parallel.pipeline": "--pipeline", "parallel.expert": "--expert"}
+DTYPES = ["bfloat16", "float16", "float32"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--expert", type=int, default=1, help="expert-parallel size to split experts over")
         command.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         if name == "megatron-to-hf":
-            command.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+            command.add_argument("--dtype", choices=DTYPES,
                                  help="output dtype (default: the dtype of the original HF weights)")
             command.add_argument("--max-shard-gb", type=float, default=5.0)
+        else:
+            command.add_argument("--dtype", choices=DTYPES,
+                                 help="cast the weights to this dtype (default: keep the source's dtype)")
     verify = commands.add_parser("verify")
     verify.add_argument("hf_dir", type=Path)
     verify.add_argument("ckpt_dir", type=Path)
@@ -83,21 +88,34 @@ def run(args) -> int:
     from megatron_sami.runtime.layout import ParallelConfig
 
     parallel = ParallelConfig(tensor=getattr(args, "tensor", 1), pipeline=args.pipeline, expert=args.expert)
-    with megatron_runtime(parallel):
-        if args.command == "hf-to-megatron":
-            convert.hf_to_megatron(args.hf_dir, args.out_dir, parallel, overwrite=args.overwrite)
-            return 0
-        if args.command == "megatron-to-hf":
-            convert.megatron_to_hf(args.ckpt_dir, args.out_dir, parallel, overwrite=args.overwrite,
-                                   dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
-            return 0
-        return _verify(args, parallel)
+    try:
+        with megatron_runtime(parallel):
+            return _run_command(args, convert, parallel)
+    except BaseException as err:
+        # A file-system refusal inside the checkpoint writer rarely carries the file's name:
+        # name the output directory (the boundary in run_main prints the sentence).
+        found = None if isinstance(err, (SystemExit, KeyboardInterrupt)) else \
+            user_error(err, getattr(args, "out_dir", None))
+        if found is None:
+            raise
+        raise found from err
+
+
+def _run_command(args, convert, parallel) -> int:
+    if args.command == "hf-to-megatron":
+        convert.hf_to_megatron(args.hf_dir, args.out_dir, parallel, overwrite=args.overwrite, dtype=args.dtype)
+        return 0
+    if args.command == "megatron-to-hf":
+        convert.megatron_to_hf(args.ckpt_dir, args.out_dir, parallel, overwrite=args.overwrite,
+                               dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        return 0
+    return _verify(args, parallel)
 
 
 def check_before_start(args) -> None:
-    """Checks that need no process group run first (file headers, paths): a bad input fails in
-    about two seconds instead of after Megatron-Core's import and the runtime's start. Under a
-    multi-process launch only the first process prints the message.
+    """Checks that need no process group run first (file headers, paths, an output apart from
+    the input): a bad input fails in about two seconds instead of after Megatron-Core's import and
+    the runtime's start. Under a multi-process launch only the first process prints the message.
 
     Raises:
         SystemExit: with code 2 when a check fails.
@@ -109,20 +127,17 @@ def check_before_start(args) -> None:
         if args.command == "hf-to-megatron":
             convert.check_hf_source(args.hf_dir, args.out_dir, args.overwrite)
         elif args.command == "megatron-to-hf":
-            check_output_path(args.out_dir, args.overwrite)
+            check_output_path(args.out_dir, args.overwrite, {"checkpoint": args.ckpt_dir})
             read_checkpoint_model(args.ckpt_dir)
+        elif args.command == "verify":
+            from megatron_sami.conversion.verify import check_matches_checkpoint
+
+            check_matches_checkpoint(args.hf_dir, args.ckpt_dir)
     except SamiError as err:
-        if os.environ.get("RANK", "0") == "0" and os.environ.get("SLURM_PROCID", "0") == "0":
-            fail(str(err))
-        # The first process prints the sentence. Exiting first here would make the launcher
-        # (torchrun, srun --kill-on-bad-exit) end the first process before it has printed, so wait
-        # for the launcher to end this one once the first has exited (every process runs the same
-        # check and fails the same way); give up after a generous minute.
-        time.sleep(FOLLOWER_WAIT_S)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        fail_once(str(err))
 
 
-@run_main
+@run_main(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     """The ``sami-convert`` entry point; returns the exit code (2: a user error, one line)."""
     args = _parser().parse_args(argv)

@@ -86,11 +86,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def _models(specs: list[str]) -> list[tuple[str, Path]]:
+    from megatron_sami.evaluation.pairwise import check_label
+
     models = []
     for spec in specs:
         label, _, path = spec.partition("=")
         if not path:
             raise SamiError(f"--model '{spec}' must be LABEL=HF_DIR, e.g. base=/models/Mistral-7B-v0.1.")
+        check_label(label, spec, "--model")  # the label names a folder under --out
+        if label in (seen[0] for seen in models):
+            raise SamiError(f"--model label '{label}' is given twice; give each model its own label.")
         if not (Path(path) / "config.json").is_file():
             raise SamiError(f"--model {label}: {path} is not an HF model directory (no config.json).")
         models.append((label, Path(path)))
@@ -171,13 +176,15 @@ def _winrate_pair(args, judge) -> tuple[list[dict], Path]:
 
 
 def _winrate(args) -> None:
-    from megatron_sami.evaluation.pairwise import format_table
+    from megatron_sami.evaluation.pairwise import check_judge, format_table, parse_baselines
     from megatron_sami.iteration.report import winrate_of_run
     from megatron_sami.runtime import quiet
 
     quiet.install()
     judge = _judge_config(args)
     if args.run_dir is not None:
+        parse_baselines(args.baseline)
+        check_judge(judge)  # before any response is generated (pair mode: in winrate_of_models)
         rows = winrate_of_run(args.run_dir, judge, args.baseline, args.position_seed)
         plot = args.run_dir / "winrate.png"
     else:

@@ -19,7 +19,9 @@ def _task(cfg) -> None:
 def main() -> None:
     """The ``sami-train`` entry point (Hydra overrides on the command line)."""
     register_train_schema()  # the TrainConfig defaults configs/train.yaml builds on
-    run_hydra_app(_task, "train")
+    run_hydra_app(_task, "train", not_taken={
+        "model": "sami-train takes the model from the checkpoint it starts from (its model.yaml); drop it "
+                 "and pass checkpoint=DIR, a directory made by sami-convert hf-to-megatron"})
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from megatron_sami.models.checkpoint import FileBytes, is_rank0, save_weights_la
 from megatron_sami.models.checkpoint_dir import (
     HF_DIR,
     WEIGHTS_DIR,
+    cast_parameters,
     check_output_path,
     load_checkpoint_model,
     read_checkpoint_model,
@@ -51,6 +52,8 @@ from megatron_sami.models.gpt_ops import layer_and_expert_offsets, tensor_parall
 from megatron_sami.runtime.distributed import logger
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# conversion.json's params_dtype: the dtype the checkpoint's weights are stored in.
+PARAMS_DTYPE_OF = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 HF_META_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 MAX_SHARD_BYTES = 5 * 1000**3
 # Conversion builds the local (non-TE) layer spec on the meta device, on any machine: its
@@ -193,11 +196,13 @@ def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
         The model's config (named ``name``, default the directory's name) and an open reader.
 
     Raises:
+        OutputOverlapError: ``out_dir`` is, contains or lies inside ``hf_dir``.
+        StorageError: ``out_dir``'s parent directory is not writable (e.g. a read-only mount).
         ConversionError: ``out_dir`` is a file or exists (without ``overwrite``), or config.json
             or the safetensors files are unusable or do not match each other.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    check_output_path(out_dir, overwrite)
+    check_output_path(out_dir, overwrite, {"HF source": hf_dir})
     model = model_config_from_hf(read_hf_config(hf_dir), name or hf_dir.name)
     reader = SafetensorsReader(hf_dir)
     check_coverage(expand_rules(model), reader, model)
@@ -205,29 +210,28 @@ def check_hf_source(hf_dir: Path, out_dir: Path, overwrite: bool = False,
     return model, reader
 
 
-def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None) -> Path:
+def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = False, name: str | None = None,
+                   dtype: str | None = None) -> Path:
     """Convert an HF directory into a checkpoint directory (collective); returns ``out_dir``.
 
     ``parallel`` is the :class:`~megatron_sami.runtime.layout.ParallelConfig` the runtime runs
-    (TP=1; pipeline and expert parallelism split the work). BF16/FP16 sources are stored as
-    BF16, FP32 sources as FP32.
+    (TP=1; pipeline and expert parallelism split the work). The checkpoint keeps the source's
+    dtype (BF16, FP16 or FP32; its bytes are copied as they are), so converting back is bitwise;
+    ``dtype`` ("bfloat16", "float16", "float32") casts instead.
 
     Raises:
+        OutputOverlapError: ``out_dir`` is, contains or lies inside ``hf_dir``.
         ConversionError: ``out_dir`` is a file or exists (without ``overwrite``), the source is
-            unusable or does not match its config, or TP > 1.
+            unusable or does not match its config, ``dtype`` is unknown, or TP > 1.
         LayoutError: the layout does not fit the model or the world size.
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     model, reader = check_hf_source(hf_dir, out_dir, overwrite, name)
     parallel.validate(model, dist.get_world_size(), training=False)
     source_dtype = reader.dtype()
-    params_dtype = "fp32" if source_dtype == torch.float32 else "bf16"
+    stored_dtype = _dtype_named(dtype) if dtype else source_dtype
+    megatron_model = _meta_model(model, parallel, stored_dtype)
     start = time.perf_counter()
-    # The model is built on the meta device (structure only, no memory); each parameter's value
-    # is made from its HF tensors when the checkpoint writer reaches it.
-    with torch.device("meta"):
-        megatron_model = build_gpt_model(model, parallel, PrecisionConfig(params_dtype=params_dtype), seq_length=1,
-                                         initialize_weights=False, backend=CONVERSION_BACKEND)
     _require_tp1()
     shapes = shapes_of(model)
     parameters = list(local_rules(megatron_model, model))
@@ -237,15 +241,14 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     layout_of = {name: to_rows(rule.transform, shapes, [reader.shape(key) for key in rule.hf])
                  for name, rule in rule_of.items()}
     param_of = {name: param for name, param, _ in parameters}
-    dtype = next(unwrap(megatron_model).parameters()).dtype
     progress = _Progress(sum(param.numel() * param.element_size() for _, param, _ in parameters))
 
     def materialize(name: str, first: int, count: int) -> torch.Tensor | FileBytes:
         rule, shape = rule_of[name], (count, *param_of[name].shape[1:])
-        progress.record(math.prod(shape) * dtype.itemsize)
-        if all(reader.tensor_dtype(key) == dtype for key in rule.hf):  # bytes as they are: copied file to file
-            return megatron_file_bytes(reader, rule, layout_of[name], first, shape, dtype)
-        out = torch.empty(shape, dtype=dtype)
+        progress.record(math.prod(shape) * stored_dtype.itemsize)
+        if all(reader.tensor_dtype(key) == stored_dtype for key in rule.hf):  # bytes as they are: file to file
+            return megatron_file_bytes(reader, rule, layout_of[name], first, shape, stored_dtype)
+        out = torch.empty(shape, dtype=stored_dtype)
         read_megatron_rows(reader, rule, layout_of[name], first, out)
         return out
 
@@ -257,11 +260,31 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
         if is_rank0():
             _write_metadata(staging, hf_dir, model, {
                 "source": str(hf_dir.resolve()), "source_dtype": str(source_dtype).removeprefix("torch."),
-                "params_dtype": params_dtype, "converter": f"megatron-sami {__version__}",
+                "params_dtype": PARAMS_DTYPE_OF[stored_dtype], "converter": f"megatron-sami {__version__}",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
     logger.info("converted %s -> %s in %.1f s", hf_dir, out_dir, time.perf_counter() - start)
     return out_dir
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    """The torch dtype of a ``--dtype`` name; ConversionError naming the choices otherwise."""
+    if name not in DTYPE_NAMES:
+        raise ConversionError(f"dtype '{name}' is not supported; use one of {', '.join(DTYPE_NAMES)}.")
+    return DTYPE_NAMES[name]
+
+
+def _meta_model(model: ModelConfig, parallel, dtype: torch.dtype) -> torch.nn.Module:
+    """This rank's part of the model on the meta device (structure only, no memory), its
+    parameters in ``dtype``: each parameter's value is made from its HF tensors when the
+    checkpoint writer reaches it. Training precision refuses fp16, so an fp16 checkpoint's
+    model is built in bf16 and its parameters recast (the checkpoint holds only weights)."""
+    precision = PrecisionConfig(params_dtype="fp32" if dtype == torch.float32 else "bf16")
+    with torch.device("meta"):
+        megatron_model = build_gpt_model(model, parallel, precision, seq_length=1, initialize_weights=False,
+                                         backend=CONVERSION_BACKEND)
+    cast_parameters(megatron_model, dtype)
+    return megatron_model
 
 
 def _write_metadata(staging: Path, hf_dir: Path, model: ModelConfig, conversion: dict) -> None:
@@ -284,18 +307,20 @@ def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = Fa
         ``out_dir``.
 
     Raises:
+        OutputOverlapError: ``out_dir`` is, contains or lies inside ``ckpt_dir``.
         ConversionError: ``ckpt_dir`` is not a checkpoint directory, ``out_dir`` exists (without
             ``overwrite``), ``dtype`` is not supported, or TP > 1.
         CheckpointError: the checkpoint's weights do not fit its model.
     """
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    check_output_path(out_dir, overwrite)
+    check_output_path(out_dir, overwrite, {"checkpoint": ckpt_dir})
     model, conversion = read_checkpoint_model(ckpt_dir)
     out_dtype_name = dtype or conversion.get("source_dtype", "bfloat16")
-    if out_dtype_name not in DTYPE_NAMES:
-        raise ConversionError(f"dtype '{out_dtype_name}' is not supported; use one of {', '.join(DTYPE_NAMES)}.")
-    out_dtype = DTYPE_NAMES[out_dtype_name]
-    load_dtype = "fp32" if out_dtype == torch.float32 else conversion.get("params_dtype", "bf16")
+    out_dtype = _dtype_named(out_dtype_name)
+    # Loaded in the dtype it is stored in when that is the output's (bitwise), else in fp32 (exact)
+    # so that the only rounding is the one cast to the output dtype.
+    stored = conversion.get("params_dtype", "bf16")
+    load_dtype = stored if PARAMS_DTYPE_OF.get(out_dtype) == stored else "fp32"
     model, megatron_model = load_checkpoint_model(ckpt_dir, parallel, load_dtype)
     _require_tp1()
     shapes = shapes_of(model)

@@ -10,16 +10,17 @@ import contextlib
 import json
 import math
 import os
+import re
 import struct
 import threading
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_sami.errors import ConfigError, ConversionError
-from megatron_sami.io import atomic_write_json
+from megatron_sami.io import atomic_write_json, storage_error
 from megatron_sami.models.catalogue import model_config_from_dict
 from megatron_sami.models.checkpoint import read_exactly
 from megatron_sami.models.config import ModelConfig
@@ -40,27 +41,100 @@ def read_hf_config(hf_dir: Path) -> dict:
     """``hf_dir/config.json`` as a dict.
 
     Raises:
-        ConversionError: the file is missing or not valid JSON.
+        ConversionError: the file is missing, not UTF-8 JSON, or not a JSON object.
     """
     path = hf_dir / "config.json"
     if not path.is_file():
         raise ConversionError(f"{hf_dir} has no config.json; point at a Hugging Face model directory.")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConversionError(f"{path} is not UTF-8 text (byte {err.start}); restore the file.") from err
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); restore the file.") from err
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} holds a JSON {type(config).__name__}, not an object of settings; "
+                              "restore the model's config.json.")
+    return config
+
+
+# The config.json fields the converter reads: (accepted types, required, smallest value). The types
+# are those transformers' own strict config classes accept (an int is also taken where a float is
+# expected: it is exact); a bool is never taken for an int, nor a string for anything else.
+_INT, _FLOAT, _BOOL, _STR = (int,), (float, int), (bool,), (str,)
+HF_FIELDS: dict[str, tuple[tuple[type, ...], bool, float | None]] = {
+    "num_hidden_layers": (_INT, True, 1),
+    "hidden_size": (_INT, True, 1),
+    "intermediate_size": (_INT, True, 1),
+    "num_attention_heads": (_INT, True, 1),
+    "vocab_size": (_INT, True, 1),
+    "max_position_embeddings": (_INT, True, 1),
+    "num_key_value_heads": (_INT + (type(None),), False, 1),
+    "head_dim": (_INT + (type(None),), False, 1),
+    "rms_norm_eps": (_FLOAT, False, 0),
+    "rope_theta": (_FLOAT, False, 0),
+    "tie_word_embeddings": (_BOOL, False, None),
+    "attention_bias": (_BOOL, False, None),
+    "mlp_bias": (_BOOL, False, None),
+    "hidden_act": (_STR, False, None),
+    "sliding_window": (_INT + (type(None),), False, 1),
+    "use_sliding_window": (_BOOL, False, None),
+    "num_local_experts": (_INT, False, 2),
+    "num_experts_per_tok": (_INT, False, 1),
+    "architectures": ((list,), False, None),
+    "rope_scaling": ((dict, type(None)), False, None),
+    "rope_parameters": ((dict, type(None)), False, None),
+}
+
+
+def _check_field(name: str, value, types: tuple[type, ...], minimum: float | None) -> None:
+    is_bool = isinstance(value, bool)
+    if not isinstance(value, types) or (is_bool and bool not in types):
+        wanted = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+        raise ConversionError(f"config.json's {name} is {json.dumps(value)} ({type(value).__name__}), but "
+                              f"transformers expects {wanted}; correct config.json.")
+    if minimum is None or is_bool or not isinstance(value, (int, float)):
+        return
+    if not (value > 0 if minimum == 0 else value >= minimum):  # NaN fails both
+        bound = "positive" if minimum == 0 else f">= {minimum}"
+        raise ConversionError(f"config.json's {name} is {value}; it must be {bound}: correct config.json.")
+
+
+def check_hf_fields(hf: dict, moe: bool) -> None:
+    """Presence, type and range of every config.json field the converter reads (:data:`HF_FIELDS`).
+
+    Raises:
+        ConversionError: a required field is missing (``num_local_experts``: for Mixtral), or a
+            field has a type transformers refuses or a value out of range; the message names it.
+    """
+    for name, (types, required, minimum) in HF_FIELDS.items():
+        if name not in hf:
+            if required or (moe and name == "num_local_experts"):
+                raise ConversionError(f"config.json lacks {name}; it is not a complete Hugging Face model config "
+                                      "(restore it from the model's source).")
+            continue
+        _check_field(name, hf[name], types, minimum)
 
 
 def _rope(hf: dict) -> tuple[float, dict]:
     """(theta, scaling) from either transformers-5 ``rope_parameters`` or older top-level keys."""
     parameters = hf.get("rope_parameters") or {}
     theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
+    _check_field("rope_parameters.rope_theta", theta, _FLOAT, 0)
     scaling = dict(hf.get("rope_scaling") or {})
     if parameters.get("rope_type", "default") != "default":
         scaling = dict(parameters)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return theta, {"type": "none"}
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        if key in scaling:
+            _check_field(f"rope scaling's {key}", scaling[key], _FLOAT, 0)
+    if "original_max_position_embeddings" in scaling:
+        _check_field("rope scaling's original_max_position_embeddings", scaling["original_max_position_embeddings"],
+                     _INT, 1)
+    if kind in ("llama3", "linear") and "factor" not in scaling:
+        raise ConversionError(f"config.json's {kind} rope scaling lacks its factor; correct config.json.")
     if kind == "llama3":
         return theta, {"type": "llama3", **{key: scaling[key] for key in (
             "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings") if key in scaling}}
@@ -81,19 +155,22 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
             that do not make a valid ModelConfig.
     """
     architectures = hf.get("architectures") or []
+    _check_field("architectures", architectures, (list,), None)
     architecture = architectures[0] if architectures else None
-    if architecture not in FAMILY_OF_ARCHITECTURE:
+    if not isinstance(architecture, str) or architecture not in FAMILY_OF_ARCHITECTURE:
         raise ConversionError(
             f"architecture {architecture!r} is not supported; supported: {', '.join(FAMILY_OF_ARCHITECTURE)}."
         )
+    is_moe = architecture == "MixtralForCausalLM"
+    check_hf_fields(hf, is_moe)
     if hf.get("hidden_act", "silu") != "silu":
         raise ConversionError(f"hidden_act '{hf['hidden_act']}' is not supported; only silu (SwiGLU) is.")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
+    if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
         raise ConversionError("attention or MLP biases are not supported by this converter.")
     theta, scaling = _rope(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
-    is_moe = architecture == "MixtralForCausalLM"
+    kv_heads = hf.get("num_key_value_heads")
     values = {
         "name": name,
         "family": FAMILY_OF_ARCHITECTURE[architecture],
@@ -102,14 +179,14 @@ def model_config_from_hf(hf: dict, name: str) -> ModelConfig:
         "hidden_size": hf["hidden_size"],
         "ffn_hidden_size": hf["intermediate_size"],
         "num_attention_heads": heads,
-        "num_query_groups": hf.get("num_key_value_heads") or heads,
-        "head_dim": head_dim if head_dim and head_dim != hf["hidden_size"] // heads else None,
+        "num_query_groups": heads if kv_heads is None else kv_heads,
+        "head_dim": head_dim if head_dim is not None and head_dim != hf["hidden_size"] // heads else None,
         "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf["max_position_embeddings"],
         "norm_epsilon": hf.get("rms_norm_eps", 1e-5),
         "rotary_base": float(theta),
         "rope_scaling": scaling,
-        "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "tie_word_embeddings": hf.get("tie_word_embeddings", False),
         "sliding_window": hf.get("sliding_window") if hf.get("use_sliding_window", True) else None,
         "num_experts": hf["num_local_experts"] if is_moe else None,
         "moe_router_topk": hf.get("num_experts_per_tok", 2),
@@ -140,14 +217,21 @@ class SafetensorsReader:
         self._lock = threading.Lock()
         for file_name in sorted(set(self.file_of.values())):
             self._validate(file_name)
+        self._check_index_against_headers()
 
     def _weight_map(self) -> dict[str, str]:
         index = self.hf_dir / INDEX_NAME
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ConversionError(f"{index} is not a valid safetensors index; restore it.") from err
+                weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ConversionError(f"{index} is not a valid safetensors index (JSON with a weight_map); "
+                                      "restore it.") from err
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(key, str) and isinstance(file, str) and Path(file).name == file and file
+                    for key, file in weight_map.items()):
+                raise ConversionError(f"{index}'s weight_map must map each tensor name to a file name in "
+                                      f"{self.hf_dir}, got a {type(weight_map).__name__}; restore the index.")
             missing = sorted({f for f in weight_map.values() if not (self.hf_dir / f).is_file()})
             if missing:
                 raise ConversionError(f"{index} names {', '.join(missing)}, which is missing from {self.hf_dir}; "
@@ -179,6 +263,22 @@ class SafetensorsReader:
         """safetensors' own checks of a file (header, sizes); tensors are read with plain reads."""
         with self._guard(file_name), safe_open(self.hf_dir / file_name, framework="pt"):
             pass
+
+    def _check_index_against_headers(self) -> None:
+        """Every tensor lies in the file the index names for it (the headers are read, not the data).
+
+        Raises:
+            ConversionError: a tensor is not in its file's header; names it, the file the index
+                gives, and the file that holds it (if any).
+        """
+        for key, file_name in sorted(self.file_of.items()):
+            if key in self._header(file_name)[1]:
+                continue
+            holder = next((other for other in sorted(set(self.file_of.values()))
+                           if key in self._header(other)[1]), None)
+            found = f"it is in {holder}" if holder else "no file of the index holds it"
+            raise ConversionError(f"{self.hf_dir / INDEX_NAME} says tensor {key} is in {file_name}, but that file "
+                                  f"does not hold it ({found}); restore the index or download the checkpoint again.")
 
     def keys(self) -> list[str]:
         """Every tensor name, sorted."""
@@ -272,13 +372,16 @@ class SafetensorsReader:
 
     def _entry(self, key: str) -> tuple[int, dict]:
         """(offset of its file's data section, the header entry: dtype, shape, data_offsets) of ``key``."""
-        file_name = self.file_of[key]
+        data_start, header = self._header(self.file_of[key])
+        return data_start, header[key]
+
+    def _header(self, file_name: str) -> tuple[int, dict]:
+        """(offset of the data section, the parsed header) of one file, read once."""
         if file_name not in self._headers:
             with self._guard(file_name), open(self.hf_dir / file_name, "rb") as stream:
                 (length,) = struct.unpack("<Q", stream.read(8))
                 self._headers[file_name] = (8 + length, json.loads(stream.read(length)))
-        data_start, header = self._headers[file_name]
-        return data_start, header[key]
+        return self._headers[file_name]
 
 
 def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str,
@@ -296,9 +399,27 @@ def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str
     weight_map = {}
     for number, shard in enumerate(shards, start=1):
         file_name = f"{prefix}-{number:05d}.safetensors"
-        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        _save_file(shard, directory / file_name)
         weight_map.update({key: file_name for key in shard})
     return weight_map
+
+
+def _save_file(shard: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``, whose I/O failures (a Rust ``SafetensorError`` that carries
+    only the errno in its text) become the file-system sentence an ``OSError`` gets.
+
+    Raises:
+        StorageError: disk full, quota, file-size limit, read-only or permission refusal.
+    """
+    try:
+        save_file(shard, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        refusal = storage_error(OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path))) \
+            if code else None
+        if refusal is None:
+            raise
+        raise refusal from err
 
 
 def write_index(directory: Path, weight_map: dict[str, str], total_size: int) -> None:

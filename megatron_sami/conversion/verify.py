@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_sami.errors import ConversionError
 from megatron_sami.models.gpt_ops import gather_vocab, position_ids_like, tensor_parallel_size
 from megatron_sami.training.engine import forward_backward, last_stage_result
 
@@ -24,12 +25,15 @@ def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size:
         vocab_size: the real vocabulary size V (the model's padded rows are cut off).
 
     Returns:
-        [B, T, V] fp32 logits.
+        [B, T, V] fp32 logits on the CPU, whatever device the model is on.
 
     The sequence is right-padded to a multiple of TP (sequence parallelism needs it); causal
     attention keeps the real positions unaffected, and the padding is cut off again.
     """
     model.eval()
+    # The batch is made on the CPU; the model may live on a GPU (F.embedding needs the ids
+    # on the weights' device). The logits come back to the CPU, where the reference's are.
+    tokens_BT = tokens_BT.to(next(model.parameters()).device)
     real_length = tokens_BT.shape[1]
     padding = -real_length % tensor_parallel_size()
     if padding:
@@ -50,7 +54,7 @@ def megatron_logits(model: torch.nn.Module, tokens_BT: torch.Tensor, vocab_size:
                                      forward_only=True, collect_non_loss_data=True)
     shape = (tokens_BT.shape[0], tokens_BT.shape[1], vocab_size)
     logits_BTV = last_stage_result(collected[0] if collected else None, shape)
-    return logits_BTV[:, :real_length]
+    return logits_BTV[:, :real_length].cpu()
 
 
 def greedy_tokens(next_logits, prompt_BT: torch.Tensor, num_new: int) -> torch.Tensor:
@@ -104,3 +108,33 @@ def hf_reference(hf_dir: Path, tokens_BT: torch.Tensor, num_new: int, dtype: tor
             return model(batch_BT).logits.float()
 
     return next_logits(tokens_BT), greedy_tokens(next_logits, tokens_BT, num_new)
+
+
+# The ModelConfig fields that decide a model's outputs; the name, the weights' source and the
+# number of positions (which does not change logits at the lengths verify runs) may differ.
+OUTPUT_FIELDS = ("hf_architecture", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                 "num_query_groups", "head_dim", "vocab_size", "norm_epsilon", "rotary_base", "rope_scaling",
+                 "tie_word_embeddings", "sliding_window", "num_experts", "moe_router_topk")
+
+
+def check_matches_checkpoint(hf_dir: Path, ckpt_dir: Path) -> None:
+    """Refuse to verify a checkpoint against an HF model of another architecture, whose logits
+    cannot be compared (a smaller vocabulary fails inside transformers' embedding with an
+    IndexError); reads only ``config.json`` and ``model.yaml``.
+
+    Raises:
+        ConversionError: the configs differ (the fields are named), or either directory is
+            not what ``verify`` needs.
+    """
+    from megatron_sami.conversion.hf_io import model_config_from_hf, read_hf_config
+    from megatron_sami.models.checkpoint_dir import read_checkpoint_model
+
+    checkpoint, _ = read_checkpoint_model(Path(ckpt_dir))
+    reference = model_config_from_hf(read_hf_config(Path(hf_dir)), checkpoint.name)
+    differences = [f"{name} {getattr(reference, name)} vs {getattr(checkpoint, name)}"
+                   for name in OUTPUT_FIELDS if getattr(reference, name) != getattr(checkpoint, name)]
+    if differences:
+        raise ConversionError(
+            f"the HF model at {hf_dir} is not the model of the checkpoint at {ckpt_dir} "
+            f"({'; '.join(differences[:4])}, HF vs checkpoint); verify compares a checkpoint with "
+            "the HF model it was converted from.")

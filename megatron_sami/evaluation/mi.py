@@ -5,9 +5,8 @@ Follow Principles without Preference Labels", arXiv:2404.14313 (the paper below)
 
 For each evaluation query the model writes one greedy response under every sign pattern of the
 query's principles (two principles: both positive, the two mixed, both negative; C = 4, as in
-the paper), then scores every response under every constitution with transformers:
-S[k, j] = log p(response j | constitution k, query). Two estimators, per query, then their mean
-and standard error over queries, in nats:
+the paper), then scores every response under every constitution: S[k, j] = log p(response j | constitution
+k, query). Two estimators, per query, then their mean and standard error over queries, in nats:
 
 - ``info_nce_bound``: log C - InfoNCE loss, from length-normalised (mean) log-probs, capped at
   log C: the lower bound on I(Y; C | x) that the training objective raises
@@ -16,7 +15,15 @@ and standard error over queries, in nats:
   log-probs: (1/C) sum_j [S[j, j] - (1/C) sum_k S[k, j]]
   (:func:`megatron_sami.alignment.objective.paper_mi_estimate`).
 
-Scoring tokenises exactly as training does (:func:`megatron_sami.alignment.data.tokenize_record`).
+The matrices come from either of two scorers, tokenising exactly as training does
+(:func:`megatron_sami.alignment.data.tokenize_record`), and :func:`estimates` turns them into
+both estimators:
+
+- transformers in fp32 on one device (:func:`hf_matrices`; small models, and the tests' reference);
+- Megatron at the training layout across the allocation (``sami-score``,
+  :mod:`megatron_sami.alignment.scoring`), launched by the caller: :func:`launched_scorer`
+  writes the records, runs the launch it is given and reads the matrices back
+  (:func:`read_matrices`).
 """
 
 from __future__ import annotations
@@ -31,9 +38,9 @@ import torch
 
 from megatron_sami.alignment.data import PromptTemplate, SamiRecord, parse_record, tokenize_record
 from megatron_sami.alignment.objective import SamiLossConfig, paper_mi_estimate, sami_loss, sequence_logprobs
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import DataError, SamiError
 from megatron_sami.evaluation.splits import split_label, splits_of
-from megatron_sami.io import atomic_output, atomic_write_json
+from megatron_sami.io import atomic_output, atomic_write_json, atomic_write_jsonl
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
     SamplingConfig,
@@ -44,6 +51,10 @@ from megatron_sami.rollout.generation import GenerationConfig, generate_records,
 from megatron_sami.rollout.queries import Query
 
 MAX_SCORED_LENGTH = 8192  # tokens of one scored (prompt, response) sequence
+
+Matrices = dict[str, torch.Tensor]  # {"sum": S_CC, "mean": S_CC}, fp32, nats
+# scorer(split label, records) -> each record's matrices, in the records' order
+Scorer = Callable[[str, list[SamiRecord]], list[Matrices]]
 
 
 @dataclass(frozen=True)
@@ -118,13 +129,28 @@ def query_estimates(matrices: dict[str, torch.Tensor]) -> dict[str, float]:
             "acc_row": float(output.acc_row), "acc_col": float(output.acc_col)}
 
 
-def evaluate_records(model_dir: str | Path, records: list[SamiRecord], template: PromptTemplate) -> dict:
-    """Both estimators over the records' queries for the HF model in ``model_dir`` (float32, on
-    the GPU when there is one).
+def estimates(matrices: list[Matrices]) -> dict:
+    """Both estimators (and the row/column accuracies) over queries, from each query's matrices
+    (:func:`score_record`, or a row of ``sami-score``'s output via :func:`read_matrices`).
 
     Returns:
         ``{"info_nce_bound", "paper_mi", "acc_row", "acc_col"}``, each ``{"mean", "se", "n"}``
         (estimators in nats), and ``"num_constitutions"`` (C).
+
+    Raises:
+        ValueError: no matrices.
+    """
+    if not matrices:
+        raise ValueError("estimates need the matrices of at least one query")
+    per_query = [query_estimates(m) for m in matrices]
+    return {key: mean_and_se([q[key] for q in per_query]).as_dict() for key in per_query[0]} | {
+        "num_constitutions": int(matrices[0]["sum"].shape[0])}
+
+
+def hf_matrices(model_dir: str | Path, records: list[SamiRecord], template: PromptTemplate) -> list[Matrices]:
+    """Each record's matrices (:func:`score_record`) under the HF model in ``model_dir``, with
+    transformers in float32 on one device (the GPU when there is one): the whole model in one
+    process, so for small models; ``sami-score`` shards large ones.
 
     Raises:
         OverlengthError: as :func:`score_record`.
@@ -138,9 +164,79 @@ def evaluate_records(model_dir: str | Path, records: list[SamiRecord], template:
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     if torch.cuda.is_available():
         model = model.cuda()
-    per_query = [query_estimates(score_record(model, tokenizer, template, record)) for record in records]
-    return {key: mean_and_se([q[key] for q in per_query]).as_dict() for key in per_query[0]} | {
-        "num_constitutions": records[0].num_constitutions}
+    return [score_record(model, tokenizer, template, record) for record in records]
+
+
+def evaluate_records(model_dir: str | Path, records: list[SamiRecord], template: PromptTemplate) -> dict:
+    """Both estimators over the records' queries for the HF model in ``model_dir``
+    (:func:`hf_matrices`, then :func:`estimates`, which gives the returned dict).
+
+    Raises:
+        OverlengthError: as :func:`score_record`.
+    """
+    return estimates(hf_matrices(model_dir, records, template))
+
+
+def read_matrices(path: str | Path) -> list[tuple[str, Matrices]]:
+    """The (query id, matrices) of every row of ``sami-score``'s output, in order.
+
+    Raises:
+        DataError: the file is missing, or a row is not ``{"id", "sum", "mean"}`` with two C x C
+            matrices (C >= 2).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"scores file {path} does not exist; run sami-score first.")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                matrices = {key: torch.tensor(row[key], dtype=torch.float32) for key in ("sum", "mean")}
+                query_id = str(row["id"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise DataError(f"{path}:{number}: not a row of sami-score's output ({err}); score again.") from err
+            C = matrices["sum"].shape[0] if matrices["sum"].dim() == 2 else 0
+            if C < 2 or any(m.shape != (C, C) for m in matrices.values()):
+                raise DataError(f"{path}:{number}: sum and mean must be C x C matrices with C >= 2; score again.")
+            rows.append((query_id, matrices))
+    return rows
+
+
+def write_scoring_records(path: str | Path, records: list[SamiRecord]) -> None:
+    """The records as the JSONL ``sami-score`` reads (atomically)."""
+    atomic_write_jsonl(path, [{"id": r.id, "query": r.query, "constitutions": r.constitutions,
+                               "responses": r.responses, "metadata": r.metadata} for r in records])
+
+
+def launched_scorer(launch: Callable[[Path, Path], None], work_dir: Callable[[str], Path]) -> Scorer:
+    """A scorer that runs ``sami-score`` through the caller's launcher.
+
+    For each split label it writes the records to ``work_dir(label)/scoring-records.jsonl``,
+    calls ``launch(records_path, matrices_path)`` (which must run ``sami-score`` to write
+    ``work_dir(label)/matrices.jsonl``, e.g. with
+    :func:`megatron_sami.alignment.scoring.score_args`) and reads the matrices back.
+
+    Raises (from the scorer):
+        DataError: the scores do not belong to the records (other ids, or another order or count).
+        Whatever ``launch`` raises.
+    """
+
+    def scorer(label: str, records: list[SamiRecord]) -> list[Matrices]:
+        directory = work_dir(label)
+        directory.mkdir(parents=True, exist_ok=True)
+        records_path, matrices_path = directory / "scoring-records.jsonl", directory / "matrices.jsonl"
+        write_scoring_records(records_path, records)
+        launch(records_path, matrices_path)
+        rows = read_matrices(matrices_path)
+        if [query_id for query_id, _ in rows] != [r.id for r in records]:
+            raise DataError(f"{matrices_path} scores {len(rows)} queries that are not the {len(records)} of "
+                            f"{records_path} in order; delete it and score again.")
+        return [matrices for _, matrices in rows]
+
+    return scorer
 
 
 def evaluation_sampling(cset: ConstitutionSet, split: str, principles_per_query: int) -> SamplingConfig:
@@ -158,12 +254,13 @@ def evaluate_model(model_dir: str | Path, queries: list[Query], cset: Constituti
                    template: PromptTemplate, generation: GenerationConfig, principles_per_query: int,
                    shard_dir: Callable[[str], Path], seed: int, name: str,
                    backend_factory: Callable | None = None,
-                   before_shard: Callable[[], None] | None = None) -> dict[str, dict]:
+                   before_shard: Callable[[], None] | None = None,
+                   scorer: Scorer | None = None) -> dict[str, dict]:
     """One model's MI evaluation, per principle split of ``cset`` (``learned``, ``heldout``).
 
     The model writes a response per query under each constitution of :func:`evaluation_sampling`
-    into resumable shards; records with an empty response are left out; the rest are scored by
-    :func:`evaluate_records`.
+    into resumable shards; records with an empty response are left out; ``scorer`` gives the
+    rest their matrices and :func:`estimates` the estimators.
 
     Args:
         generation: used as given (callers pass temperature 0: the paper's greedy responses).
@@ -173,18 +270,22 @@ def evaluate_model(model_dir: str | Path, queries: list[Query], cset: Constituti
         backend_factory: makes the generation backend, only when a shard is missing (default:
             :func:`~megatron_sami.rollout.generation.make_backend` on ``model_dir``).
         before_shard: called before each shard is generated (the driver raises there to stop).
+        scorer: ``scorer(split label, records)`` -> their matrices (default: :func:`hf_matrices`
+            on ``model_dir``; :func:`launched_scorer` runs ``sami-score`` instead).
 
     Returns:
         ``{"learned": ..., "heldout": ...}`` (the splits ``cset`` has), each as
-        :func:`evaluate_records` returns.
+        :func:`estimates` returns.
 
     Raises:
         SamiError: every response of a split was empty (raise ``max_new_tokens``).
         ConfigError: ``model_dir`` is not an HF model directory, or as :func:`evaluation_sampling`.
         EnvironmentSetupError: the generation backend cannot run here.
         OverlengthError: as :func:`score_record`.
+        Whatever ``scorer`` raises.
     """
     backend_factory = backend_factory or (lambda: make_backend(model_dir, generation))
+    scorer = scorer or (lambda label, records: hf_matrices(model_dir, records, template))
     results = {}
     for split in splits_of(cset):
         sampling = evaluation_sampling(cset, split, principles_per_query)
@@ -195,7 +296,8 @@ def evaluate_model(model_dir: str | Path, queries: list[Query], cset: Constituti
                    if all(r.strip() for r in row["responses"])]
         if not records:
             raise SamiError(f"{name}: every evaluation response was empty; raise max_new_tokens.")
-        results[split_label(split)] = evaluate_records(model_dir, records, template)
+        label = split_label(split)
+        results[label] = estimates(scorer(label, records))
     return results
 
 

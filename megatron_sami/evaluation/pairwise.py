@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +28,15 @@ from pathlib import Path
 
 from megatron_sami.alignment.data import PromptTemplate
 from megatron_sami.errors import ConfigError, SamiError
-from megatron_sami.evaluation.judge import JudgeClient, JudgeConfig
+from megatron_sami.evaluation.judge import JudgeClient, JudgeConfig, check_judge  # noqa: F401 (driver)
 from megatron_sami.evaluation.splits import SPLIT_LABELS, split_label, splits_of  # noqa: F401 (driver)
 from megatron_sami.evaluation.winrate import (
     Comparison,
     judge_messages,
     parse_verdict,
     placed_first,
+    rate_mean,
+    rate_text,
     summarize,
     win_score,
 )
@@ -55,6 +58,22 @@ from megatron_sami.rollout.queries import Query
 
 logger = logging.getLogger(__name__)
 
+# A label names folders (responses/LABEL, iterN-vs-LABEL): one plain path component, never '..'.
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The run's own models: a baseline labelled so would share their folders.
+_RESERVED_BASELINE = re.compile(r"base|iter\d+")
+
+
+def check_label(label: str, spec: str, option: str) -> None:
+    """Refuse a model label that is not one plain folder name (``../x``, ``a/b``, empty).
+
+    Raises:
+        ConfigError: naming the spec and what a label may hold.
+    """
+    if not _LABEL.fullmatch(label):
+        raise ConfigError(f"{option} '{spec}': the label '{label}' must be a plain name of letters, digits, '.', "
+                          f"'_' and '-' that starts with a letter or digit (at most 64 characters), e.g. "
+                          f"instruct=/models/Mistral-7B-Instruct-v0.2.")
 
 
 @dataclass
@@ -85,7 +104,8 @@ def parse_baselines(specs: list[str]) -> list[tuple[str, str | None]]:
     """``(label, HF directory)`` per baseline spec: ``("base", None)`` for the run's base model.
 
     Raises:
-        ConfigError: a spec is neither ``base`` nor ``LABEL=HF_DIR``.
+        ConfigError: a spec is neither ``base`` nor ``LABEL=HF_DIR``, a label is not a plain
+            folder name (:func:`check_label`) or is ``base``/``iterN``, or two baselines share a label.
     """
     out = []
     for spec in specs:
@@ -96,7 +116,15 @@ def parse_baselines(specs: list[str]) -> list[tuple[str, str | None]]:
         if not path or not label:
             raise ConfigError(f"baseline '{spec}' must be 'base' or LABEL=HF_DIR, e.g. instruct=/models/Mistral-7B-"
                               f"Instruct-v0.2.")
+        check_label(label, spec, "baseline")
+        if _RESERVED_BASELINE.fullmatch(label):
+            raise ConfigError(f"baseline '{spec}': the label '{label}' names one of the run's own models (base, "
+                              f"iterN); choose another, e.g. instruct={path}.")
         out.append((label, path))
+    labels = [label for label, _ in out]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:
+        raise ConfigError(f"baseline label '{repeated[0]}' is given twice; give each baseline its own label.")
     return out
 
 
@@ -278,11 +306,14 @@ def winrate_of_models(test_dir: Path, baseline_dir: Path, queries: list[Query], 
                       out_dir: Path, seed: int, judge_cfg: JudgeConfig, position_seed: int) -> list[dict]:
     """``sami-eval winrate``'s pair mode on two HF models: :func:`generate_responses` of each
     (``seed``: the principles drawn), then :func:`winrate_of_rows` (``position_seed``: A/B placement).
+    The judge is asked once (:func:`~megatron_sami.evaluation.judge.check_judge`) before anything
+    is generated, so a wrong address or key fails in seconds, not after hours of generation.
 
     Raises:
         ConfigError, EnvironmentSetupError: as :func:`generate_responses`.
-        SamiError, JudgeError: as :func:`evaluate_pair`.
+        SamiError, JudgeError: as :func:`evaluate_pair`; JudgeError also before generation.
     """
+    check_judge(judge_cfg)
     test_rows, baseline_rows = (
         generate_responses(path, queries, cset, template, generation, principles_per_query,
                            out_dir / "responses" / label, seed)
@@ -291,25 +322,35 @@ def winrate_of_models(test_dir: Path, baseline_dir: Path, queries: list[Query], 
 
 
 def format_table(rows: list[dict]) -> str:
-    """rows: {label, baseline, result}; one line per split and per principle."""
+    """rows: {label, baseline, result}; one line per split and per principle, then the reason of
+    each length-adjusted rate shown as n/a (undefined), once per distinct reason."""
     header = (f"{'model':<10} {'vs':<10} {'principles':<22} {'n':>4} {'win rate [95% CI]':>22} "
-              f"{'length-bal.':>11} {'undecided':>9} {'malformed':>9} {'chars test/base':>16}")
-    lines = [header]
+              f"{'length-balanced':>22} {'length-controlled':>22} {'undecided':>9} {'malformed':>9} "
+              f"{'chars test/base':>16}")
+    lines, reasons = [header], {}  # (measure, reason) -> where it applies
     for row in rows:
         for split, block in row["result"]["splits"].items():
             entries = [(split, block)] + [(f"  {name}", sub) for name, sub in block["principles"].items()]
             for name, values in entries:
                 rate, lengths = values["win_rate"], values["lengths"]
+                adjusted = [values.get(key) for key in ("length_balanced", "length_controlled")]
+                for key, value in zip(("length-balanced", "length-controlled"), adjusted, strict=True):
+                    if isinstance(value, dict) and value.get("reason"):
+                        where = reasons.setdefault((key, value["reason"]), [])
+                        where.append(f"{row['label']} vs {row['baseline']} {name.strip()}")
                 lines.append(f"{row['label']:<10} {row['baseline']:<10} {name:<22} {rate['n']:>4} "
-                             f"{rate['mean']:>7.3f} [{rate['low']:.2f}, {rate['high']:.2f}] "
-                             f"{values['length_balanced']:>11.3f} {values['undecided']:>9} {values['malformed']:>9} "
+                             f"{rate_text(rate):>22} {rate_text(adjusted[0]):>22} {rate_text(adjusted[1]):>22} "
+                             f"{values['undecided']:>9} {values['malformed']:>9} "
                              f"{lengths['test_mean_chars']:>7.0f}/{lengths['baseline_mean_chars']:<8.0f}")
-    return "\n".join(lines)
+    notes = [f"{key} n/a ({', '.join(where[:4])}{', ...' if len(where) > 4 else ''}): {reason}"
+             for (key, reason), where in reasons.items()]
+    return "\n".join(lines + notes)
 
 
 def plot_winrates(rows: list[dict], path: Path) -> None:
-    """Win rate (with its 95% interval) and the length-balanced win rate across iterations, one
-    panel per principle split, one line per baseline."""
+    """Win rate (with its 95% interval), the length-balanced and the length-controlled win rates
+    across iterations, one panel per principle split, one line per baseline (an undefined rate is
+    a gap)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,8 +367,9 @@ def plot_winrates(rows: list[dict], path: Path) -> None:
             errors = [[m - r["low"] for m, r in zip(means, rates, strict=True)],
                       [r["high"] - m for m, r in zip(means, rates, strict=True)]]
             axis.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=f"vs {baseline}")
-            axis.plot(xs, [row["result"]["splits"][split]["length_balanced"] for row in mine], "--", marker="x",
-                      label=f"vs {baseline} (length-balanced)")
+            for key, style in (("length_balanced", "--x"), ("length_controlled", ":s")):
+                axis.plot(xs, [rate_mean(row["result"]["splits"][split].get(key)) for row in mine], style,
+                          label=f"vs {baseline} ({key.replace('_', '-')})")
         axis.axhline(0.5, color="grey", linewidth=0.8)
         axis.set_ylim(0, 1)
         axis.set_xticks(sorted({row["iteration"] for row in rows}))

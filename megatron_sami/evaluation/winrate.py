@@ -7,8 +7,13 @@ implementations on fixed inputs. A comparison scores 1 when the judge prefers th
 The protocol is that of Fränken et al. 2024, "Self-Supervised Alignment with Mutual Information:
 Learning to Follow Principles without Preference Labels", arXiv:2404.14313: the judge sees the
 constitution, A/B positions are randomised with a fixed seed, unparseable or two-letter verdicts
-count 0.5, and a length-controlled rate averages the win rates of the queries where the test
-response is longer and of those where it is not.
+count 0.5, and a length-balanced rate averages the win rates of the queries where the test
+response is longer and of those where it is not (undefined when either group is empty).
+
+Beside the paper's split, a length-controlled win rate as in AlpacaEval 2 (Dubois et al. 2024,
+"Length-Controlled AlpacaEval: A Simple Way to Debias Automatic Evaluators", arXiv:2404.04475):
+a logistic regression of the score on tanh(length difference / its standard deviation), read at
+a length difference of zero.
 """
 
 from __future__ import annotations
@@ -122,12 +127,142 @@ def win_rate(scores: list[float], z: float = 1.96) -> WinRate:
     return WinRate(mean, max(0.0, mean - half), min(1.0, mean + half), len(scores))
 
 
-def length_balanced(scores: list[float], test_longer: list[bool]) -> float:
-    """The mean win rate within "test longer" and "test not longer", averaged over the groups
-    that have comparisons: a judge that only prefers length scores 0.5."""
+@dataclass(frozen=True)
+class LengthAdjustedRate:
+    """A win rate corrected for response length, or undefined (``mean`` None) with the reason.
+
+    ``low``/``high`` bound a 95% interval (None where undefined); ``n`` counts the comparisons and
+    ``groups`` the comparisons per length group (test longer, test not longer) where that applies.
+    """
+
+    mean: float | None
+    low: float | None
+    high: float | None
+    n: int
+    reason: str | None = None  # why ``mean`` is None
+    groups: tuple[int, int] | None = None
+
+    def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict (``groups`` only where set)."""
+        out = {"mean": self.mean, "low": self.low, "high": self.high, "n": self.n, "reason": self.reason}
+        return out | ({"groups": list(self.groups)} if self.groups is not None else {})
+
+
+def _undefined(n: int, reason: str, groups: tuple[int, int] | None = None) -> LengthAdjustedRate:
+    return LengthAdjustedRate(None, None, None, n, reason, groups)
+
+
+def length_balanced(scores: list[float], test_longer: list[bool], z: float = 1.96) -> LengthAdjustedRate:
+    """The paper's length-balanced win rate: the mean of the win rates within "test longer" and
+    "test not longer", so a judge that only prefers length scores 0.5.
+
+    Undefined (``mean`` None, with the reason) when either group is empty: one group's mean alone
+    says nothing about length. The 95% interval is the normal one of an average of two
+    independent means, (s1^2/n1 + s2^2/n2) / 4, each group given one pseudo-win and one pseudo-loss
+    for the interval only (as Agresti & Caffo 2000 do for two proportions), so a small group or one
+    whose scores all agree still widens the interval instead of collapsing it.
+    """
     groups = [[s for s, longer in zip(scores, test_longer, strict=True) if longer == flag] for flag in (True, False)]
-    means = [statistics.fmean(group) for group in groups if group]
-    return statistics.fmean(means) if means else math.nan
+    sizes = (len(groups[0]), len(groups[1]))
+    if not all(sizes):
+        if not scores:
+            return _undefined(0, "no comparisons", sizes)
+        which = "longer" if sizes[0] else "not longer"
+        return _undefined(len(scores), f"the test response is {which} in all {len(scores)} comparisons; balancing "
+                                       f"needs comparisons of both kinds (see length_controlled)", sizes)
+    mean = statistics.fmean(statistics.fmean(group) for group in groups)
+    padded = [group + [0.0, 1.0] for group in groups]
+    centre = statistics.fmean(statistics.fmean(group) for group in padded)
+    half = z * math.sqrt(sum(statistics.variance(group) / len(group) for group in padded)) / 2
+    return LengthAdjustedRate(mean, max(0.0, centre - half), min(1.0, centre + half), len(scores), None, sizes)
+
+
+def _sigmoid(value: float) -> float:
+    return 1.0 / (1.0 + math.exp(-value)) if value >= 0 else math.exp(value) / (1.0 + math.exp(value))
+
+
+def _penalized_logistic(xs: list[float], ys: list[float], ridge: float) -> tuple[float, float, float]:
+    """(intercept, slope, variance of the intercept) minimising the logistic loss of targets ``ys``
+    in [0, 1] plus ``ridge`` / 2 * slope^2, by Newton's method with step halving (the loss is
+    strictly convex; finite unless every target is 0 or every target is 1, which callers exclude)."""
+    mean_y = min(max(statistics.fmean(ys), 1e-6), 1 - 1e-6)
+    b0, b1 = math.log(mean_y / (1 - mean_y)), 0.0
+
+    def loss(c0: float, c1: float) -> float:
+        total = ridge * c1 * c1 / 2
+        for x, y in zip(xs, ys, strict=True):
+            eta = c0 + c1 * x  # log(1 + e^eta) - y * eta, computed without overflow
+            total += max(eta, 0.0) + math.log1p(math.exp(-abs(eta))) - y * eta
+        return total
+
+    for _ in range(200):
+        ps = [_sigmoid(b0 + b1 * x) for x in xs]
+        weights = [p * (1 - p) for p in ps]
+        g0 = sum(p - y for p, y in zip(ps, ys, strict=True))
+        g1 = sum((p - y) * x for p, y, x in zip(ps, ys, xs, strict=True)) + ridge * b1
+        h00, h01 = sum(weights), sum(w * x for w, x in zip(weights, xs, strict=True))
+        h11 = sum(w * x * x for w, x in zip(weights, xs, strict=True)) + ridge
+        det = h00 * h11 - h01 * h01
+        step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det
+        scale, current = 1.0, loss(b0, b1)
+        while loss(b0 - scale * step0, b1 - scale * step1) > current + 1e-12 and scale > 1e-8:
+            scale /= 2
+        b0, b1 = b0 - scale * step0, b1 - scale * step1
+        if abs(scale * step0) + abs(scale * step1) < 1e-12:
+            break
+    return b0, b1, h11 / det
+
+
+def length_controlled(scores: list[float], length_diffs: list[float], ridge: float = 1.0,
+                      z: float = 1.96) -> LengthAdjustedRate:
+    """The length-controlled win rate of AlpacaEval 2 (Dubois et al. 2024, arXiv:2404.04475):
+    fit P(test wins) = sigmoid(b0 + b1 * tanh(d / sd(d))) to the scores (undecided = 0.5), where d
+    is the test response's length minus the baseline's, and report sigmoid(b0), the predicted win
+    rate at equal length. The slope carries a ridge penalty ``ridge`` / 2 * b1^2 (as sklearn's
+    default C = 1, which AlpacaEval's fit starts from), so a judge that only prefers the longer
+    response, on lengths balanced around zero, scores 0.5 instead of an infinite slope.
+
+    The 95% interval is sigmoid(b0 +- z * se(b0)), se from the inverse Hessian at the fit.
+    Undefined (``mean`` None, with the reason) when every score is 1 or every score is 0 (no
+    finite fit), or when every comparison has the same non-zero length difference (length and
+    quality cannot be told apart). All differences zero: the plain mean.
+
+    Args:
+        length_diffs: test minus baseline length per comparison, in any unit (characters here).
+    """
+    n = len(scores)
+    if not n:
+        return _undefined(0, "no comparisons")
+    if all(s == 1.0 for s in scores) or all(s == 0.0 for s in scores):
+        side = "test" if scores[0] == 1.0 else "baseline"
+        return _undefined(n, f"the judge preferred the {side} response in all {n} comparisons: no finite "
+                             f"regression fit separates length from quality")
+    spread = statistics.pstdev(length_diffs)
+    if spread == 0 and length_diffs[0] != 0:
+        return _undefined(n, f"every comparison has the same length difference ({length_diffs[0]:+g}): length "
+                             f"and quality cannot be told apart")
+    xs = [math.tanh(d / spread) if spread else 0.0 for d in length_diffs]
+    b0, _, variance = _penalized_logistic(xs, scores, ridge)
+    half = z * math.sqrt(max(variance, 0.0))
+    return LengthAdjustedRate(_sigmoid(b0), _sigmoid(b0 - half), _sigmoid(b0 + half), n)
+
+
+def rate_text(rate: dict | float | None) -> str:
+    """``0.712 [0.60, 0.81]`` for a rate dict (``n/a`` when undefined); a bare number, as
+    results written before intervals were added hold, prints as ``0.712``."""
+    if isinstance(rate, dict):
+        if rate.get("mean") is None:
+            return "n/a"
+        if rate.get("low") is None or rate.get("high") is None:
+            return f"{rate['mean']:.3f}"
+        return f"{rate['mean']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}]"
+    return "n/a" if rate is None or (isinstance(rate, float) and math.isnan(rate)) else f"{rate:.3f}"
+
+
+def rate_mean(rate: dict | float | None) -> float:
+    """The point value of a rate dict or bare number, nan where undefined (for plotting)."""
+    value = rate.get("mean") if isinstance(rate, dict) else rate
+    return math.nan if value is None else float(value)
 
 
 def length_stats(test: list[str], baseline: list[str]) -> dict:
@@ -144,12 +279,17 @@ def length_stats(test: list[str], baseline: list[str]) -> dict:
 
 def summarize(judged: list[dict]) -> dict:
     """Aggregate judged comparisons (dicts with split, principle, score, verdict, status, test,
-    baseline): overall and per split and per principle, raw and length-balanced."""
+    baseline): overall and per split and per principle, raw, length-balanced (the paper's split)
+    and length-controlled (AlpacaEval 2's regression), lengths in characters. Each rate is a dict
+    with mean, low, high (95% interval) and n; the two length-adjusted ones also carry ``reason``,
+    set when ``mean`` is None (undefined), and length_balanced the sizes of its two groups."""
 
     def block(rows: list[dict]) -> dict:
         scores = [r["score"] for r in rows]
-        longer = [len(r["test"]) > len(r["baseline"]) for r in rows]
-        return {"win_rate": win_rate(scores).as_dict(), "length_balanced": length_balanced(scores, longer),
+        diffs = [len(r["test"]) - len(r["baseline"]) for r in rows]
+        return {"win_rate": win_rate(scores).as_dict(),
+                "length_balanced": length_balanced(scores, [d > 0 for d in diffs]).as_dict(),
+                "length_controlled": length_controlled(scores, diffs).as_dict(),
                 "undecided": sum(r["verdict"] is None for r in rows),
                 "malformed": sum(r["status"] == "malformed" for r in rows),
                 "lengths": length_stats([r["test"] for r in rows], [r["baseline"] for r in rows])}

@@ -25,15 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
 from megatron_sami.alignment.data import PromptTemplate, load_template
+from megatron_sami.alignment.scoring import score_args
 from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, DataError, PhaseError, Preempted
 from megatron_sami.evaluation import mi
 from megatron_sami.evaluation import pairwise as winrate
 from megatron_sami.evaluation.splits import split_label
-from megatron_sami.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from megatron_sami.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, check_output_apart
 from megatron_sami.resources import config_dir
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
@@ -50,6 +52,7 @@ from megatron_sami.rollout.generation import (
     read_shards,
 )
 from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
+from megatron_sami.runlock import RunLock
 from megatron_sami.runtime.distributed import logger
 
 TRAIN_FROM = ("base", "previous")
@@ -68,18 +71,50 @@ class BaseModelConfig:
 
 @dataclass
 class LauncherConfig:
-    """How training phases start their processes: ``torchrun --standalone`` with ``nproc_per_node``
-    ranks on this node, or ``prefix`` (e.g. ``srun --kill-on-bad-exit=1``) inside an allocation."""
+    """How launched phases start their processes: ``torchrun --standalone`` with ``nproc_per_node``
+    ranks on this node, or ``prefix`` inside an allocation.
+
+    ``prefix`` is the launcher's argv as a list (``[srun,--kill-on-bad-exit=1]``; slurm/launcher.sh
+    writes it): each element reaches the launcher as one argument, so paths with spaces, quotes,
+    commas or non-ASCII characters stay intact. A string (``'srun --kill-on-bad-exit=1'``, the old
+    form) is still read, split as a shell would, so it must not hold such paths. ``python``: the
+    interpreter the launched ranks run (a container's ``python3``); null: this driver's.
+    ``log_dir`` (srun only): each phase's ranks log to ``<log_dir>/<phase>-<job>.<attempt>-rank<N>.log``
+    (attempt: ``SLURM_RESTART_COUNT``), opened for appending, so neither a later phase nor a
+    requeue truncates an earlier attempt's logs.
+
+    Raises:
+        ConfigError: ``prefix`` is neither a string nor a list of strings, or ``log_dir`` without it.
+    """
 
     nproc_per_node: int = 1
-    prefix: str | None = None  # e.g. "srun --kill-on-bad-exit=1"; null: torchrun --standalone
+    prefix: Any = None  # list of argv strings (or the old string); null: torchrun --standalone
+    python: str | None = None  # null: sys.executable
+    log_dir: str | None = None  # srun --output per phase, attempt and rank
 
-    def command(self, module: str, args: list[str]) -> list[str]:
-        """The argv that runs ``python -m module args`` under this launcher."""
-        if self.prefix:
-            return shlex.split(self.prefix) + [sys.executable, "-m", module, *args]
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                str(self.nproc_per_node), "-m", module, *args]
+    def __post_init__(self) -> None:
+        if self.prefix is not None and not isinstance(self.prefix, str) and (
+                not isinstance(self.prefix, list | tuple)
+                or not all(isinstance(part, str | int | float) for part in self.prefix)):
+            raise ConfigError(f"launcher.prefix must be a list of arguments such as [srun,--kill-on-bad-exit=1], "
+                              f"got {self.prefix!r}.")
+        if self.log_dir and not self.prefix:
+            raise ConfigError("launcher.log_dir names srun's per-rank logs and needs launcher.prefix (srun ...); "
+                              "set both or neither.")
+
+    def command(self, module: str, args: list[str], phase: str = "train") -> list[str]:
+        """The argv that runs ``python -m module args`` under this launcher; ``phase`` names its logs."""
+        python = self.python or sys.executable
+        if not self.prefix:
+            return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                    str(self.nproc_per_node), "-m", module, *args]
+        prefix = shlex.split(self.prefix) if isinstance(self.prefix, str) else [str(part) for part in self.prefix]
+        if self.log_dir:
+            # srun expands %j (job) and %t (task); a literal % in the path is written %%.
+            name = f"{self.log_dir.replace('%', '%%')}/{phase.replace('/', '-')}-%j." \
+                   f"{os.environ.get('SLURM_RESTART_COUNT', '0')}-rank%t.log"
+            prefix += [f"--output={name}", "--open-mode=append"]
+        return [*prefix, python, "-m", module, *args]
 
 
 @dataclass
@@ -92,6 +127,14 @@ class EvalConfig:
     num_queries: int = 16
     principles_per_query: int = 2  # two principles -> C = 4 sign patterns, as in Fränken et al. 2024
     max_new_tokens: int = 0  # 0: generation.max_new_tokens
+    # megatron: the C x C matrices are scored by sami-score from the Megatron checkpoint at the training
+    # layout, through the launcher (every GPU of the allocation, the model sharded as in training);
+    # hf: by transformers in the driver's process, the whole model on one device (small models only).
+    scorer: str = "megatron"
+
+    def __post_init__(self) -> None:
+        if self.scorer not in ("megatron", "hf"):
+            raise ConfigError(f"evaluation.scorer '{self.scorer}' is unknown; use megatron or hf.")
 
 
 @dataclass
@@ -196,15 +239,32 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def hydra_quote(text: str) -> str:
+    """``text`` as a single-quoted Hydra value that reaches the program unchanged: spaces, commas
+    (not a sweep), quotes, non-ASCII characters and ``${`` (not an interpolation) included.
+
+    Hydra 1.3 unescapes only backslashes that precede a quote or the closing quote, so those are
+    doubled, each ``'`` becomes ``\\'``, and ``${`` becomes OmegaConf's escaped ``\\${``.
+    """
+    out, backslashes = [], ""
+    for char in text.replace("${", "\\${"):
+        if char == "\\":
+            backslashes += char
+            continue
+        out.append(backslashes * 2 + "\\'" if char == "'" else backslashes + char)
+        backslashes = ""
+    return "'" + "".join(out) + backslashes * 2 + "'"
+
+
 def override(key: str, value: object) -> str:
     """One Hydra command-line override ``key=value`` (None as null, booleans lower-case, strings
-    JSON-quoted so that spaces and commas stay one value)."""
+    quoted by :func:`hydra_quote` so that every character reaches the program as it is)."""
     if value is None:
         return f"{key}=null"
     if isinstance(value, bool):
         return f"{key}={str(value).lower()}"
     if isinstance(value, str):
-        return f"{key}={json.dumps(value)}"
+        return f"{key}={hydra_quote(value)}"
     return f"{key}={value}"
 
 
@@ -251,9 +311,18 @@ class Run:
         if self.cfg.base.checkpoint and not (Path(self.cfg.base.checkpoint) / "model.yaml").is_file():
             raise ConfigError(f"base.checkpoint={self.cfg.base.checkpoint} is not a converted checkpoint (no "
                               f"model.yaml); convert it with sami-convert hf-to-megatron or set base.hf instead.")
+        # What this run writes, replaces (--overwrite exports) or deletes must not be or hold an input.
+        inputs = {f"base.{key}": value for key, value in vars(self.cfg.base).items() if value}
+        check_output_apart(self.dir, inputs)
+        outputs = [self.model_hf(t) for t in range(1, self.cfg.iterations + 1)]
+        outputs += [] if self.cfg.base.hf else [self.base_hf()]
+        outputs += [] if self.cfg.base.checkpoint else [self.base_checkpoint()]
+        for output in outputs:
+            check_output_apart(output, inputs, siblings=(".incomplete", ".replaced"))
 
     def _claim(self, resolved_yaml: str) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # One driver per run directory, held until this process exits (the kernel releases it).
+        self.lock = RunLock(self.dir, "sami-iterate").acquire()
         saved, state = self.dir / "config.yaml", self.dir / "state.json"
         started = state.exists() and json.loads(state.read_text())["phases"]
         if started and saved.exists() and saved.read_text() != resolved_yaml:
@@ -331,8 +400,11 @@ class Run:
         return phases
 
     def _on_signal(self, number, frame) -> None:
-        """SIGUSR1 (time-limit warning) or SIGTERM (preemption): pass it on to the running phase's
-        processes, which checkpoint and exit; in-process phases stop at their next safe point."""
+        """SIGUSR1 (time-limit warning), SIGTERM (preemption) or SIGINT (Ctrl-C): pass it on to the
+        running phase's processes, which checkpoint and exit; in-process phases stop at their next
+        safe point. A second SIGINT stops at once."""
+        if number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.stop_signal = number
         logger.warning("[iterate] received %s: stopping at the next safe point", signal.Signals(number).name)
         if self.child is not None and self.child.poll() is None:
@@ -351,9 +423,11 @@ class Run:
             PhaseError: a launched phase failed.
             SamiError: a phase's input or configuration is wrong (the message names the fix).
         """
-        for number in (signal.SIGUSR1, signal.SIGTERM):
+        for number in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._on_signal)
         phases = self.phases()
+        if self.cfg.winrate.enabled and not all(self.done(name) for name, _ in phases):
+            winrate.check_judge(self.cfg.winrate.judge)  # an unreachable judge is found before hours of work
         for number, (name, action) in enumerate(phases, start=1):
             self.check_stop()
             if self.done(name):
@@ -374,13 +448,19 @@ class Run:
             Preempted: the command exited with code 75, or failed after this driver got a stop signal.
             PhaseError: the command failed (its output is above).
         """
-        command = self.cfg.launcher.command(module, args) if distributed else [sys.executable, "-m", module, *args]
+        command = self.cfg.launcher.command(module, args, phase) if distributed else [sys.executable, "-m", module, *args]
         logger.info("[iterate] %s: %s", phase, shlex.join(command))
-        self.child = subprocess.Popen(command, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        # The phase runs in a session of its own, so that a terminal's Ctrl-C reaches it once, through
+        # _on_signal, and dies with this driver (die_with_parent), so that kill -9 of the driver's
+        # group leaves nothing running. torchrun gives its workers 10 minutes (not 30 s) to checkpoint
+        # after a signal before it kills them.
+        env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"} | os.environ | {"PYTHONUNBUFFERED": "1"}
+        self.child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
         returncode = self.child.wait()
         self.child = None
         if returncode == EXIT_PREEMPTED or (returncode != 0 and self.stop_signal is not None):
-            raise Preempted(f"phase {phase} stopped by a signal and saved what it had")
+            by = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal"
+            raise Preempted(f"phase {phase} stopped by {by} and saved what it had")
         if returncode != 0:
             raise PhaseError(f"phase {phase} failed with exit code {returncode} (its output is above); fix "
                              f"the cause and rerun the same command to resume at this phase.")
@@ -485,13 +565,26 @@ class Run:
                                     lambda split: self.dir / "eval" / f"iter{t}-{split_label(split)}",
                                     self.cfg.seed, f"iteration {t}",
                                     backend_factory=self.backend_factory(model_dir, generation),
-                                    before_shard=self.check_stop)
+                                    before_shard=self.check_stop, scorer=self.scorer(t))
         for label, result in results.items():
             bound, paper = result["info_nce_bound"], result["paper_mi"]
             logger.info("[iterate] iter%d MI (%s principles, %d queries): InfoNCE bound %.3f +- %.3f nats, paper "
                         "estimator %.2f +- %.2f nats", t, label, bound["n"], bound["mean"], bound["se"],
                         paper["mean"], paper["se"])
         return {"mi": results}
+
+    def scorer(self, t: int) -> mi.Scorer | None:
+        """How iteration t's evaluation records get their C x C matrices: ``sami-score`` on its
+        Megatron checkpoint (the base one for t = 0) at the training layout, through the launcher;
+        None (transformers in this process) with ``evaluation.scorer=hf``."""
+        if self.cfg.evaluation.scorer == "hf":
+            return None
+        def launch(records: Path, matrices: Path) -> None:
+            checkpoint = self.base_checkpoint() if t == 0 else self.final_checkpoint(t)
+            self.launch(f"iter{t}/evaluate", "megatron_sami.cli.score",
+                        score_args(self.train_settings, checkpoint, records, matrices))
+
+        return mi.launched_scorer(launch, lambda label: self.dir / "eval" / f"iter{t}-{label}-scores")
 
     # -- win rates ----------------------------------------------------------------------------------
     def eval_generation(self) -> GenerationConfig:
@@ -532,10 +625,11 @@ class Run:
                                                    self.dir / "winrate" / f"iter{t}-vs-{label}", self.cfg.winrate.seed,
                                                    cache_dir=None if judge.cache_dir else
                                                    self.dir / "winrate" / "judge-cache")
-            overall = results[label]["all"]["win_rate"]
-            logger.info("[iterate] iter%d vs %s: win rate %.3f [%.2f, %.2f] over %d comparisons, length-balanced "
-                        "%.3f", t, label, overall["mean"], overall["low"], overall["high"], overall["n"],
-                        results[label]["all"]["length_balanced"])
+            overall = results[label]["all"]
+            logger.info("[iterate] iter%d vs %s: win rate %s over %d comparisons, length-balanced %s, "
+                        "length-controlled %s", t, label, winrate.rate_text(overall["win_rate"]),
+                        overall["win_rate"]["n"], winrate.rate_text(overall["length_balanced"]),
+                        winrate.rate_text(overall["length_controlled"]))
         return results
 
     # -- reports ------------------------------------------------------------------------------------
@@ -598,6 +692,15 @@ def winrate_rows(iterations: list[dict]) -> list[dict]:
     """Flatten summary rows into {label, iteration, baseline, result} for tables and plots."""
     return [{"label": f"iter{row['iteration']}", "iteration": row["iteration"], "baseline": baseline, "result": result}
             for row in iterations for baseline, result in row.get("winrate", {}).items()]
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: have the kernel send it SIGKILL when this driver's thread
+    that started it ends (Linux ``prctl(PR_SET_PDEATHSIG)``; survives exec). Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG
 
 
 def run_iterations(cfg: IterateConfig, resolved_yaml: str) -> dict:

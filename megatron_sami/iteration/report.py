@@ -40,11 +40,15 @@ def report(run_dir: Path) -> int:
         print(f"{label}: base {first[key]['mean']:.3f} -> iteration {rows[-1]['iteration']} "
               f"{final[key]['mean']:.3f} nats ({'rose' if change > 0 else 'did not rise'} by {change:+.3f}; "
               f"standard errors {first[key]['se']:.3f} / {final[key]['se']:.3f}, n = {final[key]['n']})")
+    from megatron_sami.evaluation.winrate import rate_text
+
     for path in sorted((run_dir / "winrate").glob("iter*-vs-base/result.json")):
         result = json.loads(path.read_text())["all"]
         rate = result["win_rate"]
-        print(f"{path.parent.name}: win rate {rate['mean']:.3f} [{rate['low']:.2f}, {rate['high']:.2f}] over {rate['n']} "
-              f"judged comparisons ({result['undecided']} undecided), length-balanced {result['length_balanced']:.3f}")
+        # A length-adjusted rate may be undefined (None, with its reason) or, in older results, a bare number.
+        print(f"{path.parent.name}: win rate {rate_text(rate)} over {rate['n']} judged comparisons "
+              f"({result['undecided']} undecided), length-balanced {rate_text(result.get('length_balanced'))}, "
+              f"length-controlled {rate_text(result.get('length_controlled'))}")
     samples = run_dir / "samples.md"
     if samples.is_file():
         print(samples.read_text())

@@ -11,14 +11,17 @@ This is the model half of the seam around megatron-core: the only place that kno
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from megatron_sami.errors import ConfigError
-from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.models.config import ModelConfig, PrecisionConfig, transformer_engine_import_error
 from megatron_sami.runtime.layout import ParallelConfig
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -33,10 +36,14 @@ class Backend:
 
     @classmethod
     def detect(cls) -> Backend:
-        """Transformer Engine where it imports and CUDA is present; otherwise the local spec."""
+        """Transformer Engine where megatron-core can use it and CUDA is present; otherwise the
+        local spec. On a GPU without a usable Transformer Engine the first process warns once,
+        naming the import that failed (:func:`transformer_engine_problem`)."""
         on_gpu = torch.cuda.is_available()
-        has_te = importlib.util.find_spec("transformer_engine") is not None
-        return cls(use_te=on_gpu and has_te, on_gpu=on_gpu)
+        problem = transformer_engine_problem() if on_gpu else "no CUDA GPU"
+        if on_gpu and problem is not None:
+            _warn_local_spec_on_gpu(problem)
+        return cls(use_te=problem is None, on_gpu=on_gpu)
 
     @property
     def moe_dispatcher(self) -> str:
@@ -47,6 +54,40 @@ class Backend:
     def moe_grouped_gemm(self) -> bool:
         """Grouped expert GEMMs, which need Transformer Engine."""
         return self.use_te
+
+
+@functools.cache
+def transformer_engine_problem() -> str | None:
+    """Why megatron-core cannot use Transformer Engine in this process, or None where it can.
+
+    Detected as megatron-core 0.19 detects it (``HAVE_TE`` in ``megatron/core/extensions/
+    transformer_engine.py``: an actual import, not ``find_spec``): TE can be installed and still
+    fail to load, e.g. its torch extension built against another torch in a container. Then
+    megatron-core's ``TESpecProvider`` is None and asking it for the TE layer spec dies with
+    ``TypeError: 'NoneType' object is not callable``; this names the import that failed instead.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "Transformer Engine is not installed"
+    failure = transformer_engine_import_error()
+    if failure is not None:
+        return f"Transformer Engine is installed but `import transformer_engine.pytorch` fails ({failure[:300]})"
+    from megatron.core.extensions.transformer_engine import HAVE_TE
+
+    if not HAVE_TE:
+        return ("Transformer Engine imports, but megatron-core's own import of it fails "
+                "(`from transformer_engine.pytorch.fp8 import ...` in megatron/core/extensions/transformer_engine.py)")
+    return None
+
+
+@functools.cache
+def _warn_local_spec_on_gpu(problem: str) -> None:
+    """Say once, on the first process only, that a GPU run uses the local spec and why: the only
+    sign of a broken Transformer Engine install (megatron-core's own warning says neither which
+    import failed nor that the run is slower, and the project silences it)."""
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger(__name__).warning(
+            "%s: this GPU run builds megatron-core's local layer spec (no FP8, no fused TE kernels); "
+            "install Transformer Engine built for this torch (see the README's container install).", problem)
 
 
 def transformer_config(
@@ -111,20 +152,39 @@ def _architecture(model: ModelConfig) -> dict:
     )
 
 
+def sliding_window_size(model: ModelConfig) -> tuple[int, int] | None:
+    """megatron-core's ``window_size`` for the model's sliding window: (left, right) keys around
+    each query, both bounds INCLUSIVE (flash-attn's and Transformer Engine's convention), so
+    HF's ``sliding_window`` W (a query sees itself and the W - 1 keys before it, transformers'
+    ``kv_idx > q_idx - W``) is ``(W - 1, 0)``. Applied by TE's attention and by the project's
+    SDPA attention alike."""
+    return None if model.sliding_window is None else (model.sliding_window - 1, 0)
+
+
+def _wgrad_fusion_available() -> bool:
+    """Whether megatron-core's own linears (the output layer, also on the TE spec) can fuse the
+    weight-gradient accumulation: they need Apex's ``fused_weight_gradient_mlp_cuda`` and raise
+    at construction without it (megatron-core 0.19 ``tensor_parallel/layers.py``); Megatron-LM
+    turns the option off in that case too."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _kernels(model: ModelConfig, backend: Backend) -> dict:
     """Fused kernels where this machine has them (GPU; Transformer Engine), and the sliding
-    window, which only Transformer Engine's attention applies."""
-    window = None
-    if model.sliding_window is not None and backend.use_te:
-        window = (model.sliding_window, 0)
+    window (see :func:`sliding_window_size`)."""
     return dict(
         bias_activation_fusion=backend.on_gpu,
         bias_dropout_fusion=backend.on_gpu,
         masked_softmax_fusion=backend.on_gpu,
         apply_rope_fusion=backend.use_te,
-        gradient_accumulation_fusion=False,
+        # TE GEMMs write weight gradients straight into DDP's fp32 main_grad buffers.
+        gradient_accumulation_fusion=backend.use_te and _wgrad_fusion_available(),
         persist_layer_norm=backend.use_te,
-        window_size=window,
+        window_size=sliding_window_size(model),
     )
 
 
@@ -138,20 +198,37 @@ def _moe(model: ModelConfig, backend: Backend) -> dict:
         moe_ffn_hidden_size=model.ffn_hidden_size,
         moe_token_dispatcher_type=backend.moe_dispatcher,
         moe_grouped_gemm=backend.moe_grouped_gemm,
+        # Routing softmax and top-k in fp32, as HF Mixtral routes (softmax(..., dtype=float)); bf16
+        # rounding can pick other experts. megatron-core also runs the gate GEMM and the
+        # weighted sum of expert outputs in fp32.
+        moe_router_dtype="fp32",
         # Fine-tuning from a pretrained router: no auxiliary loss, no token dropping.
         moe_router_load_balancing_type="none",
         moe_aux_loss_coeff=0.0,
     )
 
 
-def layer_spec(model: ModelConfig, backend: Backend, fp8: str | None = None):
+def layer_spec(model: ModelConfig, backend: Backend):
     """The transformer layer's ``ModuleSpec``: Transformer Engine's, or megatron-core's local one
-    with the project's SDPA core attention (see :mod:`megatron_sami.models.sdpa_attention`)."""
+    with the project's SDPA core attention (see :mod:`megatron_sami.models.sdpa_attention`).
+
+    Both write and read one checkpoint key set (``tests/test_te_lane.py``), so a checkpoint
+    converted or trained on either lane loads on the other; only Transformer Engine's
+    ``_extra_state`` entries differ, which :func:`megatron_sami.models.checkpoint.load_model`
+    tolerates.
+
+    Raises:
+        ConfigError: the Transformer Engine spec is asked for where megatron-core cannot use TE.
+    """
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if backend.use_te:
+        if specs.TESpecProvider is None:  # megatron-core's HAVE_TE is False
+            raise ConfigError(f"the Transformer Engine layer spec needs Transformer Engine, but "
+                              f"{transformer_engine_problem()}; fix the install or run without it (CPU, no FP8).")
+        # No fp8= argument: megatron-core 0.19 deprecated it (FP8 comes from the TransformerConfig).
         return specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=model.num_experts, moe_grouped_gemm=backend.moe_grouped_gemm, fp8=fp8
+            num_experts=model.num_experts, moe_grouped_gemm=backend.moe_grouped_gemm
         )
     from megatron_sami.models.sdpa_attention import SDPAttention
 
@@ -160,6 +237,14 @@ def layer_spec(model: ModelConfig, backend: Backend, fp8: str | None = None):
     )
     # torch's fused attention instead of megatron's unfused local one (same math, see the module).
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if model.is_moe:
+        # The local map stores each norm under the name of the TE linear it is fused into. TE's
+        # MoE layer keeps its pre-MLP norm as a module of its own (no linear_fc1 to fuse into:
+        # megatron-core 0.19 gpt_layer_specs.py, pre_mlp_layernorm=backend.layer_norm(...) if
+        # num_experts), so the local MoE layer keeps that norm's own name too.
+        keys = dict(spec.submodules.sharded_state_dict_keys_map)
+        del keys["pre_mlp_layernorm."]
+        spec.submodules.sharded_state_dict_keys_map = keys
     return spec
 
 
@@ -178,9 +263,8 @@ def build_gpt_model(
     ``seq_length`` is the longest sequence (tokens) the model will run on.
 
     Raises:
-        ConfigError: ``seq_length`` exceeds the model's positions or (local spec) its sliding
-            window; sequence parallelism or FP8 without Transformer Engine; precision the
-            hardware lacks.
+        ConfigError: ``seq_length`` exceeds the model's positions; sequence parallelism or FP8
+            without Transformer Engine; precision the hardware lacks.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -190,11 +274,6 @@ def build_gpt_model(
         raise ConfigError(
             f"sequence length {seq_length} exceeds {model.name}'s max_position_embeddings "
             f"({model.max_position_embeddings}); shorten the sequences."
-        )
-    if model.sliding_window is not None and not backend.use_te and seq_length > model.sliding_window:
-        raise ConfigError(
-            f"{model.name} uses a {model.sliding_window}-token sliding window, which the local (non-TE) "
-            f"attention cannot apply; keep sequences <= {model.sliding_window} tokens or run with Transformer Engine."
         )
     # initialize_weights=False leaves the weights uninitialised (for loading or converting).
     if parallel.sequence_parallel and not backend.use_te:
@@ -206,7 +285,7 @@ def build_gpt_model(
     rope = model.rope_scaling
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, backend, precision.fp8),
+        transformer_layer_spec=layer_spec(model, backend),
         vocab_size=model.padded_vocab_size(),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),

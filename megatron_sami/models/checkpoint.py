@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import logging
 import os
 import shutil
 import struct
@@ -144,12 +145,21 @@ def _make_directory(directory: Path) -> None:
 
 
 def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = True) -> None:
-    """Fill the model from a distributed checkpoint saved at any layout (collective).
+    """Fill the model from a distributed checkpoint saved at any layout and on either lane
+    (Transformer Engine or the local spec) (collective).
+
+    The one difference the lanes' checkpoints may have is tolerated: Transformer Engine modules
+    (TE >= 1.13 norms among them) carry an ``_extra_state`` entry (FP8 scaling metadata) that a
+    checkpoint written without TE lacks; such a module starts with fresh metadata, as in a new
+    run. Every other weight the model needs must be in the checkpoint.
 
     Raises:
-        CheckpointError: no checkpoint at ``directory``, or it does not fit the model.
+        CheckpointError: no checkpoint at ``directory``; a file of it is missing, truncated or
+            corrupt (named); or it lacks weights of the model (named) or holds them in other
+            shapes (saved from a different model).
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     path = Path(directory)
     if not path.is_dir():
@@ -160,14 +170,106 @@ def load_model(model: torch.nn.Module, directory: str | Path, strict: bool = Tru
 
     bare = unwrap(model)
     try:
-        state = dist_checkpointing.load(bare.sharded_state_dict(), str(path))
-        bare.load_state_dict(state, strict=strict)
+        # RETURN_UNEXPECTED: keys the model asks for and the checkpoint lacks ("unexpected" in
+        # megatron-core's words) are left out of the load and returned, instead of failing in
+        # the storage layer with a message that names no fix.
+        state, _, absent = dist_checkpointing.load(bare.sharded_state_dict(), str(path),
+                                                   strict=StrictHandling.RETURN_UNEXPECTED)
     except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
-        first_line = next((line for line in str(err).splitlines() if "Error" in line), str(err).splitlines()[0])
-        raise CheckpointError(
-            f"the checkpoint at {path} does not fit the model being loaded ({first_line.strip()[:300]}); "
-            "it was saved from a different model: check the model config."
-        ) from err
+        raise CheckpointError(_load_failure(path, err)) from err
+    _refuse_absent_weights(path, absent)
+    missing, unexpected = bare.load_state_dict(state, strict=False)
+    wrong = [key for key in missing if not key.endswith("_extra_state")] + list(unexpected)
+    if strict and wrong:
+        raise CheckpointError(f"the checkpoint at {path} does not fit the model being loaded ({_some(wrong)}); "
+                              "it was saved from a different model: check the model config.")
+
+
+def _some(keys: list[str], shown: int = 3) -> str:
+    more = f" and {len(keys) - shown} more" if len(keys) > shown else ""
+    return ", ".join(sorted(keys)[:shown]) + more
+
+
+def _refuse_absent_weights(path: Path, absent: set[str]) -> None:
+    """Raise on every rank when any rank's model asks for a checkpoint key, other than a
+    Transformer Engine ``_extra_state``, that the checkpoint at ``path`` lacks (collective:
+    pipeline stages ask for different keys, and each must stop, not only the one that noticed).
+
+    Raises:
+        CheckpointError: naming the absent keys.
+    """
+    lacking = sorted(key for key in absent if not key.endswith("_extra_state"))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, lacking)
+    lacking = sorted({key for keys in gathered for key in keys})
+    if lacking:
+        hint = ""
+        if any(key.endswith("pre_mlp_layernorm.weight") for key in lacking):
+            hint = (" (an MoE checkpoint converted before the local and Transformer Engine lanes shared "
+                    "one key set stores that norm as mlp.linear_fc1.layer_norm_weight: convert it again)")
+        raise CheckpointError(f"the checkpoint at {path} lacks {_some(lacking)}, which the model being loaded "
+                              f"needs{hint}; it was saved from a different model: check the model config.")
+    if any(absent) and is_rank0():
+        logging.getLogger(__name__).info(
+            "%s was written without Transformer Engine: %d _extra_state entries start fresh", path, len(absent))
+
+
+def _load_failure(path: Path, err: BaseException) -> str:
+    """The sentence for a failed load: a damaged file named when one is (:func:`damaged_file`),
+    else the first line of the library's error with the likely cause."""
+    damage = damaged_file(path)
+    if damage is not None:
+        return (f"{damage}; the checkpoint at {path} cannot be read: copy it again from its source, or "
+                "convert or train it again.")
+    lines = str(err).splitlines() or [type(err).__name__]
+    first_line = next((line for line in lines if "Error" in line), lines[0])
+    return (f"the checkpoint at {path} does not fit the model being loaded ({first_line.strip()[:300]}); "
+            "it was saved from a different model: check the model config.")
+
+
+def damaged_file(path: Path) -> str | None:
+    """What is wrong with the files of the torch_dist checkpoint at ``path``, or None when its
+    index and every data file it names look whole: megatron-core's ``metadata.json`` must
+    exist, torch's ``.metadata`` index must unpickle, each
+    ``.distcp`` file it names must exist and reach the end of its last item, and each item must
+    be a whole torch.save record (zip local header at its start, end record at its end).
+    Reads the index and a few bytes per item."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (path / "metadata.json").is_file():  # megatron-core's record of the format
+        return f"{path / 'metadata.json'} is missing"
+    try:
+        storage = FileSystemReader(str(path)).read_metadata().storage_data
+    except FileNotFoundError:
+        return f"{path / '.metadata'} is missing"
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle the index is damage
+        return f"{path / '.metadata'} is truncated or corrupt ({type(err).__name__})"
+    items: dict[str, list[tuple[int, int]]] = {}
+    for info in storage.values():
+        items.setdefault(info.relative_path, []).append((info.offset, info.length))
+    for name, spans in sorted(items.items()):
+        damage = _damaged_data_file(path / name, sorted(spans))
+        if damage is not None:
+            return damage
+    return None
+
+
+def _damaged_data_file(file: Path, spans: list[tuple[int, int]]) -> str | None:
+    if not file.is_file():
+        return f"{file} is missing"
+    size = file.stat().st_size
+    end = max(offset + length for offset, length in spans)
+    if size < end:
+        return f"{file} is truncated ({size} bytes; the checkpoint's index expects at least {end})"
+    with open(file, "rb") as handle:
+        for offset, length in spans:
+            handle.seek(offset)
+            head = handle.read(4)
+            handle.seek(offset + length - 22)  # a zip end-of-central-directory record without comment
+            tail = handle.read(4)
+            if head != b"PK\x03\x04" or tail != b"PK\x05\x06":
+                return f"{file} is corrupt (the item at byte {offset} is not a whole torch.save record)"
+    return None
 
 
 def save_weights_lazily(model: torch.nn.Module, directory: Path,

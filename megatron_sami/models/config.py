@@ -8,7 +8,6 @@ object (:func:`omegaconf.OmegaConf.to_object`).
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 
 from omegaconf import MISSING
@@ -19,7 +18,7 @@ FAMILIES = ("llama", "mistral", "mixtral")
 ROPE_SCALING_TYPES = ("none", "llama3", "linear")
 PARAMS_DTYPES = ("bf16", "fp32")
 FP8_FORMATS = ("e4m3", "hybrid")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+FP8_RECIPES = ("tensorwise", "delayed", "blockwise", "mxfp8")
 
 
 @dataclass
@@ -148,31 +147,99 @@ class ModelConfig:
         embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
-    def training_flops_per_token(self, seq_length: int) -> float:
-        """Model FLOPs (forward + backward = 3 x forward, 2 per multiply-add) per token at this
-        sequence length: the matmuls a token passes through (MoE: only its top-k experts), the
-        attention scores and context over the full sequence, and the output layer. Activation
-        recomputation is not counted (model FLOPs, as MFU is defined)."""
-        attention_width = self.kv_channels * self.num_attention_heads
-        projections = self.hidden_size * self.kv_channels * (2 * self.num_attention_heads + 2 * self.num_query_groups)
-        mlp = 3 * self.hidden_size * self.ffn_hidden_size * (self.moe_router_topk if self.is_moe else 1)
-        router = self.hidden_size * self.num_experts if self.is_moe else 0
-        per_layer_forward = 2 * (projections + mlp + router) + 2 * 2 * seq_length * attention_width
-        forward = self.num_layers * per_layer_forward + 2 * self.hidden_size * self.vocab_size
-        return 3.0 * forward
+
+def transformer_engine_import_error() -> str | None:
+    """Why Transformer Engine's PyTorch extension does not import here, or None where it does.
+
+    Detected as megatron-core detects it (``HAVE_TE``: an import, not ``find_spec``), since TE
+    can be installed and still fail to load, e.g. built against another torch in a container.
+    """
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - a broken extension raises ImportError, OSError or RuntimeError
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _version_tuple(version: str | None) -> tuple[int, ...] | None:
+    return tuple(int(part) for part in version.split(".")[:2]) if version else None
+
+
+def fp8_refusal(fp8_recipe: str, capability: tuple[int, int], cuda_version: str | None) -> str | None:
+    """Why Transformer Engine 2.x refuses ``fp8_recipe`` on this GPU, or None where it runs.
+
+    Mirrors TE's own checks (``transformer_engine/pytorch/quantization.py``,
+    ``_compute_fp8_support``, ``_compute_mxfp8_support`` and ``_compute_fp8_block_scaling_support``;
+    ``pytorch/fp8.py`` before TE 2.8): per-tensor recipes (delayed, tensorwise) need compute
+    capability 9.0, or 8.9 with CUDA >= 12.1 (TE also wants cuBLASLt >= 12.1.3 there, which it
+    checks itself); ``blockwise`` needs 9.0 and CUDA >= 12.9 (TE releases before 2.8 also
+    refused 10.0+); ``mxfp8`` needs 10.0 and is refused on 12.0+ (consumer Blackwell).
+
+    Args:
+        fp8_recipe: one of ``FP8_RECIPES``.
+        capability: the GPU's compute capability, ``torch.cuda.get_device_capability()``.
+        cuda_version: ``torch.version.cuda`` ("12.8"); None on ROCm builds, where the CUDA
+            version rules do not apply.
+    """
+    cuda = _version_tuple(cuda_version)
+    if fp8_recipe == "mxfp8":
+        if capability >= (12, 0):
+            return "Transformer Engine does not support MXFP8 on compute capability 12.0+ yet"
+        return None if capability >= (10, 0) else "MXFP8 needs compute capability 10.0 (Blackwell) or newer"
+    if fp8_recipe == "blockwise":
+        if capability < (9, 0) or (cuda is not None and cuda < (12, 9)):
+            return "FP8 block scaling needs compute capability 9.0+ and CUDA 12.9+"
+        return None
+    if capability < (8, 9):
+        return "FP8 needs compute capability 8.9 (Ada) or 9.0 (Hopper) or newer"
+    if capability < (9, 0) and cuda is not None and cuda < (12, 1):
+        return "FP8 on compute capability 8.9 needs CUDA 12.1+"
+    return None
+
+
+def _te_fp8_refusal(fp8_recipe: str) -> str | None:
+    """Transformer Engine's own answer where the installed TE has the check (``check_*_support``
+    in ``transformer_engine.pytorch.quantization``, ``.fp8`` before TE 2.8); None otherwise."""
+    import importlib
+
+    name = {"mxfp8": "check_mxfp8_support", "blockwise": "check_fp8_block_scaling_support"}.get(
+        fp8_recipe, "check_fp8_support")
+    for module_name in ("transformer_engine.pytorch.quantization", "transformer_engine.pytorch.fp8"):
+        try:
+            check = getattr(importlib.import_module(module_name), name, None)
+        except ImportError:
+            continue
+        if check is not None:
+            supported, reason = check()
+            return None if supported else reason
+    return None
 
 
 @dataclass
 class PrecisionConfig:
-    """Parameter dtype and optional FP8 (Transformer Engine, Hopper or newer).
+    """Parameter dtype, optional FP8 (Transformer Engine on compute capability 8.9+), and the
+    GPU peak that MFU is measured against.
+
+    ``fp8_recipe`` defaults to ``tensorwise`` (per-tensor current scaling: each GEMM's scale comes
+    from the amax of the tensor being quantised). SAMI fine-tunes for a few optimizer steps;
+    with ``delayed`` scaling and megatron-core's defaults (one-entry amax history,
+    ``most_recent``) the first microbatch of a run quantises with no history, which can
+    saturate e4m3 (max 448), and the first step is a quarter of a 4-step run. Current scaling
+    costs an amax reduction per GEMM; ``delayed`` remains available for long runs. Needs
+    Transformer Engine >= 2.2 (megatron-core checks it).
+
+    ``peak_tflops`` (dense TFLOP/s per GPU) overrides the table in
+    :func:`megatron_sami.training.engine.peak_tflops`, for GPUs it does not name exactly.
 
     Raises:
-        ConfigError: an unsupported ``params_dtype`` (fp16 included), FP8 format or FP8 recipe.
+        ConfigError: an unsupported ``params_dtype`` (fp16 included), FP8 format or FP8 recipe,
+            or a ``peak_tflops`` <= 0.
     """
 
     params_dtype: str = "bf16"
     fp8: str | None = None
-    fp8_recipe: str = "delayed"
+    fp8_recipe: str = "tensorwise"
+    peak_tflops: float | None = None
 
     def __post_init__(self) -> None:
         if self.params_dtype not in PARAMS_DTYPES:
@@ -184,29 +251,34 @@ class PrecisionConfig:
             raise ConfigError(f"precision.fp8 '{self.fp8}' is not a format; use one of {', '.join(FP8_FORMATS)} or null.")
         if self.fp8_recipe not in FP8_RECIPES:
             raise ConfigError(f"precision.fp8_recipe '{self.fp8_recipe}' is unknown; use one of {', '.join(FP8_RECIPES)}.")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"precision.peak_tflops must be positive (dense TFLOP/s per GPU) or null, got {self.peak_tflops}.")
 
     def check_hardware(self) -> None:
-        """Refuse FP8 where it cannot run, before any model is built.
+        """Refuse FP8 where it cannot run, before any model is built (see :func:`fp8_refusal`).
 
         Raises:
-            ConfigError: FP8 without Transformer Engine, without a CUDA GPU, or on a GPU older
-                than the recipe needs (8.9; mxfp8: 10.0).
+            ConfigError: FP8 where Transformer Engine does not import, without a CUDA GPU, or
+                with a recipe that this GPU or CUDA version cannot run.
         """
         if self.fp8 is None:
             return
-        if importlib.util.find_spec("transformer_engine") is None:
+        te_error = transformer_engine_import_error()
+        if te_error is not None:
             raise ConfigError(
-                "precision.fp8 needs Transformer Engine, which is not installed; install the 'gpu' extra "
-                "on a GPU machine or set precision.fp8=null."
+                f"precision.fp8 needs Transformer Engine, which does not import here ({te_error}); install the "
+                "'gpu' extra on a GPU machine (or use a container with TE) or set precision.fp8=null."
             )
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("precision.fp8 needs a CUDA GPU (Hopper or newer) and none is visible; set precision.fp8=null.")
+            raise ConfigError("precision.fp8 needs a CUDA GPU (compute capability 8.9+) and none is visible; "
+                              "set precision.fp8=null.")
         capability = torch.cuda.get_device_capability()
-        needed = (10, 0) if self.fp8_recipe == "mxfp8" else (8, 9)
-        if capability < needed:
+        refusal = fp8_refusal(self.fp8_recipe, capability, torch.version.cuda) or _te_fp8_refusal(self.fp8_recipe)
+        if refusal is not None:
             raise ConfigError(
-                f"precision.fp8 with recipe '{self.fp8_recipe}' needs compute capability {needed[0]}.{needed[1]}+, "
-                f"this GPU has {capability[0]}.{capability[1]}; set precision.fp8=null."
+                f"precision.fp8_recipe={self.fp8_recipe} cannot run on this GPU (compute capability "
+                f"{capability[0]}.{capability[1]}, CUDA {torch.version.cuda}): {refusal}; choose another "
+                "precision.fp8_recipe or set precision.fp8=null."
             )

@@ -15,8 +15,11 @@ Preference Labels", arXiv:2404.14313.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
+
+from megatron_sami.errors import DataError
 
 REASONS = ("empty", "truncated", "debris", "no_sentence_end", "identical")
 
@@ -41,7 +44,15 @@ def ends_sentence(text: str, cfg: FilterConfig) -> bool:
 
 
 def rejection_reason(record: dict, cfg: FilterConfig) -> str | None:
-    """The first rule a generated record (``responses``, ``metadata.finished``) breaks, or None."""
+    """The first rule a generated record (``responses``, ``metadata.finished``) breaks, or None.
+
+    Raises:
+        DataError: a response is not a string (a number is not an empty response: it is no text).
+    """
+    for index, response in enumerate(record["responses"]):
+        if not isinstance(response, str):
+            raise DataError(f"record {record.get('id', '?')}: response {index} is {json.dumps(response)}, not a "
+                            "string; responses must be text.")
     responses = [r.strip() for r in record["responses"]]
     finished = record.get("metadata", {}).get("finished", [True] * len(responses))
     if any(not r for r in responses):

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import socket
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -195,6 +196,26 @@ def choose_backend(backend: str | None = None, environ: Mapping[str, str] | None
     return chosen
 
 
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The GPU (index among the visible ones) of the process with this local rank.
+
+    Where the launcher shows each task only its own GPU (``srun --gpus-per-task=1`` or a site's
+    ``--gpu-bind``: ``CUDA_VISIBLE_DEVICES`` holds one device), that GPU is index 0 whatever the
+    local rank; otherwise local rank ``r`` uses visible GPU ``r``.
+
+    Raises:
+        EnvironmentSetupError: no GPU is visible, or more local ranks than visible GPUs.
+    """
+    if device_count == 1:
+        return 0
+    if local_rank >= device_count:
+        raise EnvironmentSetupError(
+            f"local rank {local_rank} has no GPU ({device_count} visible); "
+            "launch at most one process per GPU, or use backend 'gloo' (CPU)."
+        )
+    return local_rank
+
+
 def _bind_device(backend: str, launch: LaunchEnv) -> str:
     """Put this process on the backend's device; returns ``"cuda"`` or ``"cpu"``.
 
@@ -205,12 +226,7 @@ def _bind_device(backend: str, launch: LaunchEnv) -> str:
     import torch
 
     if backend == "nccl":
-        if launch.local_rank >= torch.cuda.device_count():
-            raise EnvironmentSetupError(
-                f"local rank {launch.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                "launch at most one process per GPU, or use backend 'gloo' (CPU)."
-            )
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(local_device_index(launch.local_rank, torch.cuda.device_count()))
         return "cuda"
     from megatron_sami.runtime import cpu_compat
 
@@ -218,6 +234,27 @@ def _bind_device(backend: str, launch: LaunchEnv) -> str:
     # Share the cores between the local ranks instead of oversubscribing them.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
     return "cpu"
+
+
+def die_with_launcher(environ: Mapping[str, str]) -> None:
+    """Under torchrun, end this process when torchrun ends. torchrun starts each worker in a
+    process session of its own, so killing the launching program's process group (kill -9 of
+    ``sami-iterate``, a batch script's cleanup) would leave the workers training, and a rerun would
+    find a second trainer in the run directory. Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the
+    kernel kills this process when the thread that started it (torchrun's main thread) exits.
+    Under srun, slurmstepd owns the tasks and ends them with the step; elsewhere nothing is done."""
+    if "TORCHELASTIC_RUN_ID" not in environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("could not tie this worker's life to torchrun's (prctl errno %d)", ctypes.get_errno())
+    if parent == 1 or os.getppid() != parent:  # torchrun ended before the request took effect
+        os._exit(1)
 
 
 def initialize(
@@ -250,6 +287,7 @@ def initialize(
     data_parallel_size = (parallel.validate(model, launch.world_size, seq_length) if model is not None
                           else parallel.data_parallel_size(launch.world_size))
     setup_logging(launch.rank)
+    die_with_launcher(environ)
     # Megatron's tensor-parallel overlap relies on in-order kernel launches; must precede CUDA init.
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     backend = choose_backend(backend, environ)

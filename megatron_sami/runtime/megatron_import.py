@@ -16,6 +16,9 @@ torchrun rank, each ``sami-convert`` or ``sami-train`` call, each test that laun
   those objects are frozen (``gc.freeze``), so the collections skip them; they are freed by
   reference counting as modules are torn down, as before.
 
+The finder also stops a megatron-core import that a broken Transformer Engine would end with
+TE's own traceback, with one sentence instead (:func:`broken_transformer_engine`).
+
 :func:`install` (called by the package's ``__init__``, so it precedes any megatron import)
 puts a finder in front of ``sys.meta_path`` that does both when megatron-core is first
 imported. It imports nothing itself until then.
@@ -27,9 +30,12 @@ import atexit
 import functools
 import gc
 import importlib.abc
+import importlib.util
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from megatron_sami.errors import BrokenDependencyError
 
 # The megatron-core modules a process that runs models imports (the seam's), for a fork server
 # to import once so that each forked rank starts with them loaded (testing.multiprocess).
@@ -68,6 +74,7 @@ class _MegatronImportFinder(importlib.abc.MetaPathFinder):
     def __init__(self) -> None:
         self._first_import_seen = False
         self._compile_stand_in: Callable | None = None
+        self._transformer_engine_problem: str | None = None
 
     def find_spec(self, name: str, path: Any = None, target: Any = None):
         if not _is_megatron(name):
@@ -77,6 +84,8 @@ class _MegatronImportFinder(importlib.abc.MetaPathFinder):
             return spec
         if not self._first_import_seen:
             self._on_first_import()
+        if self._transformer_engine_problem is not None:  # every megatron import: one sentence, not TE's traceback
+            raise BrokenDependencyError(self._transformer_engine_problem)
         if self._compile_stand_in is not None:
             spec.loader.exec_module = self._executing_with(self._compile_stand_in, spec.loader.exec_module)
         return spec
@@ -94,6 +103,7 @@ class _MegatronImportFinder(importlib.abc.MetaPathFinder):
         import torch
 
         self._first_import_seen = True
+        self._transformer_engine_problem = broken_transformer_engine()
         if not torch.cuda.is_available():
             self._compile_stand_in = deferred_compile(torch.compile)
         atexit.register(gc.freeze)
@@ -114,6 +124,29 @@ class _MegatronImportFinder(importlib.abc.MetaPathFinder):
                 torch.compile = saved
 
         return execute
+
+
+def broken_transformer_engine() -> str | None:
+    """Why megatron-core cannot be imported with the Transformer Engine installed here, or None
+    (TE absent, or TE whose PyTorch part imports).
+
+    megatron-core 0.19.2 imports TE in many modules and does not survive a TE whose top-level
+    package imports but whose PyTorch extension does not (TE installed without ``[pytorch]``, or
+    built against another torch: "undefined symbol"): ``fp8_utils.py`` imports
+    ``transformer_engine.pytorch.tensor`` whenever ``import transformer_engine`` succeeds, and
+    ``tensor_parallel/random.py`` catches only ``ModuleNotFoundError``; ``import megatron.core``
+    then ends with TE's traceback.
+    """
+    if importlib.util.find_spec("transformer_engine") is None:
+        return None
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - ImportError, OSError or RuntimeError from its extension
+        return (f"Transformer Engine is installed but `import transformer_engine.pytorch` fails "
+                f"({type(err).__name__}: {str(err)[:300]}), and megatron-core cannot be imported with it: "
+                "install Transformer Engine built for this torch (in an NGC container keep the container's "
+                "torch: pip install --no-deps -e .), or uninstall it to run without TE.")
+    return None
 
 
 def install() -> None:

@@ -11,6 +11,10 @@ import logging
 import warnings
 
 _WARNING_MESSAGES = (
+    # On a GPU this is the only sign megatron-core gives that Transformer Engine is missing or
+    # broken, and it names neither the failed import nor the consequence; models.build says both
+    # once on GPU runs (Backend.detect), and runtime.megatron_import stops on a TE that breaks
+    # megatron-core's own import.
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed\. Falling back to Torch Norm",
     r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent",

@@ -1,43 +1,64 @@
-"""An OpenAI-compatible HTTP server over the ``hf`` generation backend (``sami-serve``).
+"""An OpenAI-compatible HTTP server over the ``hf`` generation backend (``sami-serve``), on
+FastAPI and uvicorn.
 
 The subset judges and clients use: ``GET /v1/models``, ``POST /v1/chat/completions`` and
-``POST /v1/completions`` (one choice per request, greedy or sampled), plus ``GET /health``.
-One model, one generation at a time (requests queue on a lock); meant as a local judge or to try a
-checkpoint. On clusters the same clients talk to vLLM's server instead.
+``POST /v1/completions`` (one choice per request, greedy or sampled), plus ``GET /health`` (no key
+needed). Requests are validated by pydantic models: an explicit ``null`` for ``max_tokens``,
+``temperature``, ``top_p``, ``seed``, ``n`` or ``stop`` means the default, as in the OpenAI API
+and vLLM; anything else the server cannot honour is a 4xx with an OpenAI-style JSON error naming
+the reason, never a dropped connection.
+
+One model, one generation at a time (a request holds the model while it generates); at most
+``max_queue`` further requests wait for it, and beyond that a request is answered 503 with a
+``Retry-After`` header at once. Meant as a local judge or to try a checkpoint; on clusters the
+same clients talk to vLLM's server instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
 import secrets
+import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from megatron_sami.errors import ConfigError, RequestError
 
 logger = logging.getLogger(__name__)
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+SEED_RANGE = (-(2**63), 2**63 - 1)  # what torch.manual_seed takes
+MAX_STOP_STRINGS = 4
 
 
 @dataclass
 class ServeConfig:
-    """``sami-serve``'s settings; limits are in tokens and bytes.
+    """``sami-serve``'s settings; limits are in tokens, bytes, requests and seconds.
 
     Raises:
         ConfigError: ``model_dir`` is not an HF directory, ``default_max_tokens`` > ``max_tokens``,
-            ``api_key_env`` names an unset variable, or a non-loopback host without a key.
+            a limit out of range, ``api_key_env`` naming an unset variable, or a non-loopback host
+            without a key.
     """
 
     model_dir: str
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # IPv6 hosts as they are: ::1
     port: int = 8000  # 0: any free port (printed)
     served_model_name: str | None = None  # default: the directory's name
     api_key_env: str | None = None  # name of the variable holding the key clients must send
@@ -46,12 +67,22 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 8192
     dtype: str = "auto"
+    max_queue: int = 16  # requests that may wait for the model beside the one generating; more get 503
+    backlog: int = 2048  # the listening socket's queue of connections not yet accepted
+    max_connections: int = 1024  # open connections (uvicorn's limit_concurrency); more get 503
+    body_timeout_s: float = 60.0  # a request body must arrive within this
 
     def __post_init__(self) -> None:
         if not (Path(self.model_dir) / "config.json").is_file():
             raise ConfigError(f"{self.model_dir} is not an HF model directory (no config.json).")
         if self.default_max_tokens is None:
             self.default_max_tokens = min(256, self.max_tokens)
+        for name, low in (("max_tokens", 1), ("default_max_tokens", 1), ("max_body_bytes", 1),
+                          ("max_prompt_tokens", 1), ("max_queue", 0), ("backlog", 1), ("max_connections", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}.")
+        if not 0 <= self.port <= 65535 or self.body_timeout_s <= 0:
+            raise ConfigError("--port must be in [0, 65535] (0: any free port) and the body timeout positive.")
         if self.default_max_tokens > self.max_tokens:
             raise ConfigError("--default-max-tokens cannot exceed --max-tokens.")
         if self.api_key_env and not os.environ.get(self.api_key_env):
@@ -67,8 +98,118 @@ class ServeConfig:
         return self.served_model_name or Path(self.model_dir).resolve().name
 
 
+# -- requests -------------------------------------------------------------------------------------
+
+class _Request(BaseModel):
+    """Fields both endpoints share. Strict types (no "5" for 5, no true for 1); unknown fields
+    (frequency_penalty, user, ...) are ignored, as they do not change a greedy answer."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(_Request):
+    """``POST /v1/completions``: one prompt per request."""
+
+    prompt: str = Field(min_length=1)
+
+
+# What each field must be, for the one-sentence 400 a malformed value gets.
+FIELD_RULES = {
+    "messages": "messages must be a non-empty list of {role, content} objects (role system, user or assistant; "
+                "content a string)",
+    "prompt": "prompt must be a non-empty string (one prompt per request)",
+    "max_tokens": "max_tokens must be a positive integer or null",
+    "max_completion_tokens": "max_completion_tokens must be a positive integer or null",
+    "temperature": "temperature must be a number in [0, 2] or null",
+    "top_p": "top_p must be a number in (0, 1] or null",
+    "n": "n must be 1 or null (one choice per request)",
+    "stream": "stream must be false or null (streaming is not supported)",
+    "stop": f"stop must be a string, a list of at most {MAX_STOP_STRINGS} strings, or null",
+    "seed": f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or null",
+    "model": "model must be a string",
+}
+
+
+def parse_request(kind: type[_Request], body: object) -> _Request:
+    """``body`` (parsed JSON) validated as ``kind``.
+
+    Raises:
+        RequestError: 400 naming the first offending field and what it must be.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object.")
+    try:
+        return kind.model_validate(body)
+    except ValidationError as err:
+        first = err.errors(include_url=False, include_input=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        where = ".".join(str(part) for part in first["loc"])
+        rule = FIELD_RULES.get(field, "the request does not match the OpenAI API")
+        raise RequestError(400, f"{rule} ({where}: {first['msg']}).") from None
+
+
+def sampling_params(request: _Request, cfg: ServeConfig) -> dict:
+    """Validated sampling settings of a request (OpenAI names; null or absent: the default).
+
+    Raises:
+        RequestError: 400 for an out-of-range or over-limit ``max_tokens``, ``n`` != 1,
+            streaming, or a temperature, top_p, stop or seed out of range.
+    """
+    max_tokens = request.max_tokens if request.max_tokens is not None else request.max_completion_tokens
+    max_tokens = cfg.default_max_tokens if max_tokens is None else max_tokens
+    if max_tokens < 1:
+        raise RequestError(400, f"{FIELD_RULES['max_tokens']} (got {max_tokens}).")
+    if max_tokens > cfg.max_tokens:
+        raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {cfg.max_tokens}.")
+    if request.n not in (None, 1):
+        raise RequestError(400, "this server returns one choice per request (n=1).")
+    if request.stream:
+        raise RequestError(400, "streaming is not supported; send stream=false.")
+    temperature = 1.0 if request.temperature is None else request.temperature
+    top_p = 1.0 if request.top_p is None else request.top_p
+    if not 0 <= temperature <= 2:  # also refuses NaN, which Python's JSON reader accepts
+        raise RequestError(400, f"{FIELD_RULES['temperature']} (got {temperature}).")
+    if not 0 < top_p <= 1:
+        raise RequestError(400, f"{FIELD_RULES['top_p']} (got {top_p}).")
+    stop = [request.stop] if isinstance(request.stop, str) else (request.stop or [])
+    if len(stop) > MAX_STOP_STRINGS:
+        raise RequestError(400, f"{FIELD_RULES['stop']} (got {len(stop)} strings).")
+    seed = 0 if request.seed is None else request.seed
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise RequestError(400, f"{FIELD_RULES['seed']}.")
+    return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "stop": stop,
+            "seed": seed}
+
+
+# -- the model ------------------------------------------------------------------------------------
+
 class Generator:
-    """The HF backend behind a lock, with per-request sampling settings."""
+    """The HF backend with per-request sampling settings; one caller at a time (a lock)."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         """Load the model (:class:`~megatron_sami.rollout.generation.HFBackend`, one prompt at a time)."""
@@ -110,168 +251,199 @@ class Generator:
         return completion.text, finish, completion.num_tokens
 
 
-def sampling_params(body: dict, cfg: ServeConfig) -> dict:
-    """Validated sampling settings of a request (OpenAI names and defaults).
+def answer(generator: Generator, request: _Request, params: dict) -> dict:
+    """Prompt, usage and the generated text of one request (run on the model's thread: the
+    tokenizer and model are used by one request at a time).
 
     Raises:
-        RequestError: 400 for a bad or over-limit ``max_tokens``, ``n`` != 1, streaming, or a bad
-            temperature, top_p, stop or seed.
+        RequestError: 400 when the prompt is longer than the server takes.
     """
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", cfg.default_max_tokens))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise RequestError(400, "max_tokens must be a positive integer.")
-    if max_tokens > cfg.max_tokens:
-        raise RequestError(400, f"max_tokens={max_tokens} exceeds this server's limit of {cfg.max_tokens}.")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "this server returns one choice per request (n=1).")
-    if body.get("stream"):
-        raise RequestError(400, "streaming is not supported; send stream=false.")
-    temperature = body.get("temperature", 1.0)
-    top_p = body.get("top_p", 1.0)
-    if not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise RequestError(400, "temperature must be a number in [0, 2].")
-    if not isinstance(top_p, int | float) or not 0 < top_p <= 1:
-        raise RequestError(400, "top_p must be a number in (0, 1].")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise RequestError(400, "stop must be a string or a list of at most 4 strings.")
-    seed = body.get("seed", 0)
-    if not isinstance(seed, int):
-        raise RequestError(400, "seed must be an integer.")
-    return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "stop": stop,
-            "seed": seed}
+    if isinstance(request, ChatRequest):
+        prompt = generator.chat_prompt([message.model_dump() for message in request.messages])
+    else:
+        prompt = request.prompt
+    prompt_tokens, limit = generator.count_tokens(prompt), generator.prompt_limit(params["max_tokens"])
+    if prompt_tokens > limit:
+        raise RequestError(400, f"the prompt has {prompt_tokens} tokens; with max_tokens={params['max_tokens']} "
+                                f"this server takes at most {limit}: shorten it or ask for fewer tokens.")
+    text, finish, completion_tokens = generator.generate(prompt, params)
+    return {"text": text, "finish": finish, "usage": {"prompt_tokens": prompt_tokens,
+                                                      "completion_tokens": completion_tokens,
+                                                      "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def chat_messages(body: dict) -> list[dict]:
-    """The request's ``{role, content}`` messages.
+class ModelSlot:
+    """One generation at a time on the model, at most ``max_queue`` requests waiting for it."""
+
+    def __init__(self, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self.pending = 0  # generating or waiting; only touched on the event loop's thread
+        self.lock = asyncio.Lock()  # FIFO: waiters are served in arrival order
+
+    async def run(self, request: Request, work: Callable[[], dict]) -> dict:
+        """``work()`` on a worker thread once the model is free.
+
+        Raises:
+            RequestError: 503 when ``max_queue`` requests already wait; 499 when the client left
+                while waiting (nobody reads that reply).
+        """
+        if self.pending > self.max_queue:
+            raise RequestError(503, f"the server is busy ({self.pending} requests generating or queued, at most "
+                                    f"{self.max_queue + 1}); retry after a second.", "server_busy")
+        self.pending += 1
+        try:
+            async with self.lock:
+                if await request.is_disconnected():
+                    raise RequestError(499, "the client closed the request before it was served.")
+                return await run_in_threadpool(work)
+        finally:
+            self.pending -= 1
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """An OpenAI-style error reply; 429 and 503 carry ``Retry-After: 1``."""
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
+
+
+async def read_json(request: Request, cfg: ServeConfig) -> object:
+    """The request body parsed as JSON, read within ``body_timeout_s`` and ``max_body_bytes``.
 
     Raises:
-        RequestError: 400 unless a non-empty list of system/user/assistant messages with string content.
+        RequestError: 413 over the limit, 408 too slow, 499 the client left, 400 not JSON or
+            nested too deeply for the parser.
     """
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "messages must be a non-empty list of {role, content} objects.")
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(message.get("content"), str):
-            raise RequestError(400, "each message needs a role (system, user or assistant) and string content.")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        raise RequestError(413, f"request body of {declared} bytes exceeds the limit of {cfg.max_body_bytes}.")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(cfg.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise RequestError(413, f"request body exceeds the limit of {cfg.max_body_bytes} bytes.")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {cfg.body_timeout_s:g} s.") from None
+    except ClientDisconnect:
+        raise RequestError(499, "the client closed the request while sending it.") from None
+    try:
+        return json.loads(b"".join(chunks))
+    except ValueError:
+        raise RequestError(400, "the request body is not valid JSON.") from None
+    except RecursionError:
+        raise RequestError(400, "the request body nests too deeply to read; send a flat OpenAI request.") from None
 
 
-class Handler(BaseHTTPRequestHandler):
-    """The endpoints (module docstring); :func:`make_server` binds the generator, config and key.
-    Every refusal is an OpenAI-style JSON error with a 4xx status."""
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def refused(_request: Request, err: RequestError) -> JSONResponse:
+        return error_response(err.status, str(err), err.kind)
 
-    server_version = "sami-serve"
-    generator: Generator
-    cfg: ServeConfig
-    api_key: str | None
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 404:
+            return error_response(404, f"no endpoint {request.url.path}; see /v1/models, /v1/chat/completions, "
+                                       f"/v1/completions.", "not_found_error")
+        return error_response(err.status_code, f"{request.method} {request.url.path}: {err.detail}.")
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
-        """Access log lines go to this module's logger."""
-        logger.info("%s %s", self.address_string(), format % args)
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, err: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this reply is sent: a bug, not the client's fault.
+        return error_response(500, f"internal error ({type(err).__name__}); see the server's log.", "server_error")
 
-    # -- plumbing -----------------------------------------------------------------------------------
-    def _send(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
 
-    def _error(self, err: RequestError) -> None:
-        self._send(err.status, {"error": {"message": str(err), "type": err.kind, "code": err.status}})
+def make_app(cfg: ServeConfig, generator: Generator, api_key: str | None) -> FastAPI:
+    """The ASGI application: routes (module docstring) over ``generator``, the key ``api_key``
+    (None: none needed), the queue of :class:`ModelSlot`."""
+    app = FastAPI(title="sami-serve", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    slot = ModelSlot(cfg.max_queue)
+    _install_error_handlers(app)
 
-    def _authorize(self) -> None:
-        if not self.api_key:
-            return
-        sent = self.headers.get("Authorization", "")
-        if not secrets.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
+    def authorize(request: Request) -> None:
+        if api_key and not secrets.compare_digest(request.headers.get("authorization", "").encode(),
+                                                  f"Bearer {api_key}".encode()):
             raise RequestError(401, "missing or wrong API key (send Authorization: Bearer <key>).",
                                "authentication_error")
 
-    def _body(self) -> dict:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise RequestError(411, "send a Content-Length header.")
-        if int(length) > self.cfg.max_body_bytes:
-            raise RequestError(413, f"request body of {length} bytes exceeds the limit of {self.cfg.max_body_bytes}.")
-        try:
-            body = json.loads(self.rfile.read(int(length)))
-        except (ValueError, UnicodeDecodeError):
-            raise RequestError(400, "the request body is not valid JSON.") from None
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object.")
-        model = body.get("model")
-        if model is not None and model != self.cfg.name:
-            raise RequestError(404, f"model '{model}' is not served here; this server serves '{self.cfg.name}'.",
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    @app.get("/v1/models/")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        return {"object": "list", "data": [{"id": cfg.name, "object": "model", "created": 0,
+                                            "owned_by": "megatron-sami"}]}
+
+    async def complete(request: Request, kind: type[_Request]) -> dict:
+        authorize(request)
+        parsed = parse_request(kind, await read_json(request, cfg))
+        if parsed.model is not None and parsed.model != cfg.name:
+            raise RequestError(404, f"model '{parsed.model}' is not served here; this server serves '{cfg.name}'.",
                                "not_found_error")
-        return body
+        params = sampling_params(parsed, cfg)
+        result = await slot.run(request, lambda: answer(generator, parsed, params))
+        common = {"created": int(time.time()), "model": cfg.name, "usage": result["usage"]}
+        if kind is ChatRequest:
+            choice = {"index": 0, "message": {"role": "assistant", "content": result["text"]},
+                      "finish_reason": result["finish"]}
+            return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "choices": [choice]} | common
+        choice = {"index": 0, "text": result["text"], "finish_reason": result["finish"], "logprobs": None}
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "choices": [choice]} | common
 
-    # -- endpoints ----------------------------------------------------------------------------------
-    def do_GET(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's name
-        """``/health`` (no key needed) and ``/v1/models``."""
-        try:
-            if self.path == "/health":
-                self._send(200, {"status": "ok"})
-                return
-            self._authorize()
-            if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [
-                    {"id": self.cfg.name, "object": "model", "created": 0, "owned_by": "megatron-sami"}]})
-                return
-            raise RequestError(404, f"no endpoint {self.path}; see /v1/models, /v1/chat/completions, "
-                                    f"/v1/completions.", "not_found_error")
-        except RequestError as err:
-            self._error(err)
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions/")
+    async def chat_completions(request: Request) -> dict:
+        return await complete(request, ChatRequest)
 
-    def do_POST(self) -> None:  # noqa: N802 - BaseHTTPRequestHandler's name
-        """``/v1/chat/completions`` and ``/v1/completions``: one choice, with token usage."""
-        try:
-            self._authorize()
-            path = self.path.rstrip("/")
-            if path not in ("/v1/chat/completions", "/v1/completions"):
-                raise RequestError(404, f"no endpoint {self.path}.", "not_found_error")
-            body = self._body()
-            params = sampling_params(body, self.cfg)
-            if path == "/v1/chat/completions":
-                prompt = self.generator.chat_prompt(chat_messages(body))
-            else:
-                prompt = body.get("prompt")
-                if not isinstance(prompt, str) or not prompt:
-                    raise RequestError(400, "prompt must be a non-empty string (one prompt per request).")
-            prompt_tokens, limit = self.generator.count_tokens(prompt), self.generator.prompt_limit(params["max_tokens"])
-            if prompt_tokens > limit:
-                raise RequestError(400, f"the prompt has {prompt_tokens} tokens; with max_tokens={params['max_tokens']} "
-                                        f"this server takes at most {limit}: shorten it or ask for fewer tokens.")
-            text, finish, completion_tokens = self.generator.generate(prompt, params)
-        except RequestError as err:
-            self._error(err)
-            return
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        common = {"created": int(time.time()), "model": self.cfg.name, "usage": usage}
-        if path == "/v1/chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            self._send(200, {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "choices": [choice]}
-                       | common)
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            self._send(200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "choices": [choice]}
-                       | common)
+    @app.post("/v1/completions")
+    @app.post("/v1/completions/")
+    async def completions(request: Request) -> dict:
+        return await complete(request, CompletionRequest)
+
+    return app
 
 
-def make_server(cfg: ServeConfig) -> ThreadingHTTPServer:
-    """Load the model and bind the socket (port 0 picks a free one); ``serve_forever`` serves.
+def bind(cfg: ServeConfig) -> socket.socket:
+    """A listening socket on ``cfg.host`` (a name, an IPv4 or an IPv6 address) and ``cfg.port``
+    with ``cfg.backlog``; bound before the model loads, so a taken port fails at once.
 
     Raises:
-        OSError: the address cannot be bound (e.g. the port is taken).
+        OSError: the address cannot be resolved or bound (e.g. the port is taken).
     """
-    generator = Generator(cfg)
+    family, kind, proto, _, address = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(cfg.backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    """``http://HOST:PORT/v1`` of a bound socket (an IPv6 host in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
+def make_server(cfg: ServeConfig, sock: socket.socket, generator: Generator | None = None):
+    """A ``uvicorn.Server`` for ``sock`` (from :func:`bind`), loading the model unless a
+    ``generator`` is given; ``server.run(sockets=[sock])`` serves until it is told to stop
+    (SIGINT or SIGTERM in the main thread, or ``server.should_exit = True``)."""
+    import uvicorn
+
     api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
-    handler = type("BoundHandler", (Handler,), {"generator": generator, "cfg": cfg, "api_key": api_key})
-    server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
-    server.daemon_threads = True
-    return server
+    app = make_app(cfg, generator or Generator(cfg), api_key)
+    config = uvicorn.Config(app, log_config=None, lifespan="off", backlog=cfg.backlog,
+                            limit_concurrency=cfg.max_connections, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=5, server_header=False, proxy_headers=False)
+    return uvicorn.Server(config)

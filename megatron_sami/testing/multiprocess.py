@@ -45,11 +45,13 @@ _context: Any = None
 def _mp_context():
     global _context
     if _context is None:
-        # The fork server's imports ask torch whether CUDA is available; by default that asks the
-        # CUDA runtime, which makes every forked rank fail to initialise CUDA ("Cannot
-        # re-initialize CUDA in forked subprocess"). NVML answers without that, and counts only
-        # the devices CUDA_VISIBLE_DEVICES shows, so a gloo rank that hides them sees none.
-        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        # The fork server's imports ask torch whether CUDA is available (the project's import
+        # hook, megatron-core's dist_checkpointing/strategies/torch.py, torch's cpp_extension);
+        # by default that asks the CUDA runtime, which makes every forked rank fail to initialise
+        # CUDA ("Cannot re-initialize CUDA in forked subprocess"). NVML answers without that, and
+        # counts only the devices CUDA_VISIBLE_DEVICES shows, so a gloo rank that hides them sees
+        # none. Set, not defaulted: the server cannot work without it.
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"
         if "forkserver" in mp.get_all_start_methods():
             _context = mp.get_context("forkserver")
             _context.set_forkserver_preload(_PRELOAD)
@@ -67,6 +69,11 @@ def _child(rank: int, world_size: int, port: int, env: Mapping[str, str], result
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     try:
+        if env.get(BACKEND_ENV) == "nccl" and _cuda_unusable_after_fork():
+            raise DistributedJobError(
+                "CUDA was initialised in the fork server before this rank was forked, so the rank cannot use "
+                "it (NVML, which the server asks instead, is unavailable here?); run GPU jobs where "
+                "nvidia-smi works, or with backend='gloo'.")
         value = fn(*args)
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
@@ -76,6 +83,13 @@ def _child(rank: int, world_size: int, port: int, env: Mapping[str, str], result
         results.put((rank, True, pickle.dumps(_on_cpu(value))))
     except Exception:  # noqa: BLE001 - an unpicklable result is a failure of this rank
         results.put((rank, False, "result could not be sent to the parent:\n" + traceback.format_exc()))
+
+
+def _cuda_unusable_after_fork() -> bool:
+    """Whether this forked process inherited an initialised CUDA context. Private API of torch
+    2.13 (``torch.cuda._is_in_bad_fork``)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda._is_in_bad_fork()
 
 
 def _on_cpu(value: Any) -> Any:

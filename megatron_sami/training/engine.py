@@ -39,28 +39,61 @@ class OptimizerSettings:
     rmsprop_momentum: float = 0.0
     clip_grad: float = 1.0
     use_distributed_optimizer: bool = True
+    # How the distributed optimizer's state is checkpointed (training/checkpointing.py):
+    # dp_reshardable (each rank writes its shard; a resume may change DP only) or fully_reshardable
+    # (gathered into model space; a resume may change TP, PP, EP and DP).
+    checkpoint_format: str = "dp_reshardable"
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "rmsprop", "sgd"):
             raise ConfigError(f"optimizer.name '{self.name}' is not supported; use adam, rmsprop or sgd.")
         if self.lr < 0:
             raise ConfigError(f"optimizer.lr must be >= 0, got {self.lr}.")
+        if self.checkpoint_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ConfigError(f"optimizer.checkpoint_format '{self.checkpoint_format}' is unknown; use dp_reshardable "
+                              "or fully_reshardable.")
         if self.name == "rmsprop" and self.use_distributed_optimizer:
             # megatron-core's distributed optimizer shards and checkpoints Adam-shaped state only.
             raise ConfigError("optimizer.name=rmsprop needs optimizer.use_distributed_optimizer=false (megatron-core's "
                               "distributed optimizer only checkpoints Adam-style state).")
 
 
-def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool) -> torch.nn.Module:
-    """Wrap a GPTModel in megatron-core DDP (FP32 gradient buffers, reduce after backward)."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+def ddp_config(use_distributed_optimizer: bool, overlap_grad_reduce: bool | None = None,
+               overlap_param_gather: bool = False):
+    """megatron-core's ``DistributedDataParallelConfig``: FP32 gradient buffers, and the gradient
+    reduction overlapped with the backward pass (bucket by bucket, as gradients become ready)
+    by default on GPUs; on CPU (gloo) one reduction after backward.
 
-    ddp_config = DistributedDataParallelConfig(
+    ``overlap_param_gather`` (distributed optimizer only) leaves the updated parameters to be
+    all-gathered by the next forward pass; whoever reads the weights before that (a checkpoint
+    save, scoring) must first call ``ddp_model.start_param_sync(force_sync=True)``, which the
+    trainer does not do yet, so it is off by default.
+
+    Raises:
+        ConfigError: ``overlap_param_gather`` without the distributed optimizer.
+    """
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ConfigError("overlap_param_gather needs the distributed optimizer; set "
+                          "optimizer.use_distributed_optimizer=true or turn the overlap off.")
+    if overlap_grad_reduce is None:
+        overlap_grad_reduce = torch.cuda.is_available()
+    return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool, overlap_grad_reduce: bool | None = None,
+             overlap_param_gather: bool = False) -> torch.nn.Module:
+    """Wrap a GPTModel in megatron-core DDP (see :func:`ddp_config` for the overlap settings)."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    config = ddp_config(use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather)
+    return DistributedDataParallel(config=model.config, ddp_config=config, module=model)
 
 
 def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
@@ -73,7 +106,10 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
         # megatron-core has no RMSprop: it builds its wrappers around SGD, whose torch optimizer
         # is then replaced by torch's RMSprop over the same parameter groups.
         optimizer="sgd" if settings.name == "rmsprop" else settings.name,
-        lr=settings.lr,
+        # A placeholder: the trainer sets every group's lr before each step (alignment/schedule.py).
+        # megatron-core stores the lr in its parameter-group metadata and matches groups by it on
+        # load, so the configured peak would make a resume with another optimizer.lr unloadable.
+        lr=1.0,
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
         adam_beta2=settings.adam_beta2,
@@ -158,14 +194,17 @@ def set_optimizer_step_count(optimizer, count: int) -> None:
 
     megatron-core 0.19's ``DistributedOptimizer.load_state_dict`` (torch Adam, no Apex/TE) puts
     one and the same ``step`` tensor into every parameter's state, and its dp_reshardable load
-    then copies the materialised placeholder (1) into it. torch's Adam increments ``step`` in
-    place once per parameter, so a shared tensor would advance by the number of parameters per
-    update and give every parameter but the first a wrong bias correction: a fresh tensor each
-    (same dtype and device), not a fill of the shared one.
+    then copies the materialised placeholder (1) into it; its fully_reshardable load leaves it out
+    (see :mod:`megatron_sami.training.checkpointing`). torch's Adam increments ``step`` in place
+    once per parameter, so a shared tensor would advance by the number of parameters per update
+    and give every parameter but the first a wrong bias correction: a fresh float32 tensor each
+    (torch's own dtype for it, on the device of an existing one), not a fill of a shared one.
     """
     for state in _adam_states(optimizer):
-        if "step" in state:
-            state["step"] = torch.full_like(state["step"], count)
+        if not state:
+            continue
+        device = state["step"].device if "step" in state else torch.device("cpu")
+        state["step"] = torch.tensor(float(count), dtype=torch.float32, device=device)
 
 
 @dataclass
@@ -341,21 +380,39 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-# Dense peak TFLOP/s per GPU by dtype, from the vendors' data sheets (SXM parts, no sparsity).
+# Dense peak TFLOP/s per GPU by dtype (tensor cores, no sparsity: the data sheets' sparse
+# figures halved), keyed by the exact ``torch.cuda.get_device_name()``. Variants differ: the
+# PCIe and NVL boards run lower clocks than SXM, GB200's B200 more than the HGX B200.
+_SXM_HOPPER = {"bf16": 989.4, "fp8": 1978.9}
+_NVL_HOPPER = {"bf16": 835.0, "fp8": 1671.0}
+_A100 = {"bf16": 312.0}
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "fp8": 1978.9},
-    "H100": {"bf16": 989.4, "fp8": 1978.9},
-    "A100": {"bf16": 312.0},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "NVIDIA H100 80GB HBM3": _SXM_HOPPER,  # H100 SXM5
+    "NVIDIA H200": _SXM_HOPPER,  # H200 SXM
+    "NVIDIA H100 PCIe": {"bf16": 756.0, "fp8": 1513.0},
+    "NVIDIA H100 NVL": _NVL_HOPPER,
+    "NVIDIA H200 NVL": _NVL_HOPPER,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "NVIDIA GB200": {"bf16": 2500.0, "fp8": 5000.0},
 }
 
 
-def peak_tflops(dtype: str) -> float | None:
-    """The visible GPU's dense peak for ``dtype`` (bf16 or fp8), or None (CPU, unknown GPU)."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for model, peaks in PEAK_TFLOPS.items():
-        if model in name:
-            return peaks.get(dtype)
-    return None
+def peak_tflops(dtype: str, override: float | None = None, device_name: str | None = None) -> float | None:
+    """The dense peak (TFLOP/s per GPU) that MFU divides by: ``override`` where given
+    (``precision.peak_tflops``), else the visible GPU's entry for ``dtype`` (bf16 or fp8) in
+    ``PEAK_TFLOPS``, matched by its exact name; None on CPU or for a GPU the table does not
+    name (then no MFU is logged: set ``precision.peak_tflops``).
+
+    ``device_name`` stands in for ``torch.cuda.get_device_name()`` (tests).
+    """
+    if override is not None:
+        return override
+    if device_name is None:
+        if not torch.cuda.is_available():
+            return None
+        device_name = torch.cuda.get_device_name()
+    return PEAK_TFLOPS.get(device_name.strip(), {}).get(dtype)
