@@ -37,6 +37,16 @@ def make_tiny_sami_model(root: Path) -> tuple[Path, Path]:
     return hf_dir, root / "ckpt"
 
 
+def make_training_inputs(root: Path) -> Path:
+    """A tiny converted Llama (``root/hf``, ``root/ckpt``) and 8 records with a learnable signal
+    (responses that depend on the constitution) in ``root/records.jsonl``; returns ``root``."""
+    make_tiny_sami_model(root)
+    records = [SamiRecord(f"q{i}", QUERIES[i % 8], CONSTITUTIONS[:2],
+                          [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
+    write_records(root / "records.jsonl", records)
+    return root
+
+
 def make_records(num_queries: int, num_constitutions: int) -> list[SamiRecord]:
     records = []
     for q in range(num_queries):

@@ -30,14 +30,7 @@ def tiny_sami(tmp_path_factory) -> Path:
     """A tiny Llama (HF dir ``hf``, converted checkpoint ``ckpt``) and 8 records ``records.jsonl``."""
     import sami_jobs
 
-    from megatron_sami.alignment.data import SamiRecord
-
-    root = tmp_path_factory.mktemp("gpu-sami")
-    sami_jobs.make_tiny_sami_model(root)
-    records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],
-                          [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
-    sami_jobs.write_records(root / "records.jsonl", records)
-    return root
+    return sami_jobs.make_training_inputs(tmp_path_factory.mktemp("gpu-sami"))
 
 
 def sami_train(root: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

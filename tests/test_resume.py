@@ -20,20 +20,13 @@ import sami_jobs
 import yaml
 from test_sami_train import metrics, train_command
 
-from megatron_sami.alignment.data import SamiRecord
-
 pytestmark = pytest.mark.slow
 LAYOUT_TOLERANCE = 1e-5  # relative, fp32 losses after reordered reductions
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    sami_jobs.make_tiny_sami_model(root)
-    records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],
-                          [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
-    sami_jobs.write_records(root / "records.jsonl", records)
-    return root
+    return sami_jobs.make_training_inputs(tmp_path_factory.mktemp("resume"))
 
 
 def run(command: list[str], fail: bool = False) -> subprocess.CompletedProcess:

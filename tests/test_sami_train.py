@@ -15,7 +15,6 @@ import psutil
 import pytest
 import sami_jobs
 
-from megatron_sami.alignment.data import SamiRecord
 from megatron_sami.testing.multiprocess import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -23,13 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    sami_jobs.make_tiny_sami_model(root)
-    # Responses that depend on the constitution: a learnable signal.
-    records = [SamiRecord(f"q{i}", sami_jobs.QUERIES[i % 8], sami_jobs.CONSTITUTIONS[:2],
-                          [f"Yes, gladly: step {i} is to help.", f"No. I refuse to do {i}."]) for i in range(8)]
-    sami_jobs.write_records(root / "records.jsonl", records)
-    return root
+    return sami_jobs.make_training_inputs(tmp_path_factory.mktemp("train"))
 
 
 def train_command(root: Path, run_dir: Path, *overrides: str, nproc: int = 2, dtype: str = "fp32") -> list[str]:
