@@ -171,3 +171,25 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(setup, tmp_path):
     from megatron_sami.runlock import RunLock
 
     RunLock(run_dir, "test").acquire().release()
+
+
+def test_a_checkpoint_the_file_system_refuses_is_one_sentence_and_leaves_nothing_half_written(setup, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE, EFBIG: what a quota or a full disk does to the writer) that
+    metrics and logs fit under but a checkpoint does not; SIGXFSZ ignored, as a shell's ``ulimit -f``
+    would leave it for a program that handles write errors."""
+    import resource
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    run_dir = tmp_path / "run"
+    result = subprocess.run(train_command(setup, run_dir, "steps=2", "save_interval=1", nproc=1),
+                            capture_output=True, text=True, timeout=900, preexec_fn=limited)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "writing checkpoint" in errors[0] and "step_000001" in errors[0], \
+        result.stderr[-3000:]
+    assert "megatron_sami/" not in result.stderr, "a traceback through our code (torchrun prints its own)"
+    checkpoints = run_dir / "checkpoints"
+    assert not (checkpoints / "latest").exists() and not list(checkpoints.glob("*.incomplete"))
