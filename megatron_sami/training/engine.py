@@ -106,9 +106,10 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
         # megatron-core has no RMSprop: it builds its wrappers around SGD, whose torch optimizer
         # is then replaced by torch's RMSprop over the same parameter groups.
         optimizer="sgd" if settings.name == "rmsprop" else settings.name,
-        # A placeholder: the trainer sets every group's lr before each step (alignment/schedule.py).
-        # megatron-core stores the lr in its parameter-group metadata and matches groups by it on
-        # load, so the configured peak would make a resume with another optimizer.lr unloadable.
+        # A placeholder: megatron-core keeps it as each group's ``max_lr``, one of the keys it matches
+        # parameter groups by on load (optimizer.py ``param_group_identifier_keys``), so the configured
+        # peak would make a resume with another optimizer.lr unloadable. The groups' working ``lr``
+        # is set below (and the trainer sets it before every step from alignment/schedule.py).
         lr=1.0,
         weight_decay=settings.weight_decay,
         adam_beta1=settings.adam_beta1,
@@ -120,6 +121,8 @@ def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [ddp_model])
+    for group in optimizer.param_groups:
+        group["lr"] = settings.lr
     if settings.name == "rmsprop":
         _use_rmsprop(optimizer, settings)
     # What megatron's own training loop wires up: gradient all-reduce (DP, embeddings tied
