@@ -3,7 +3,8 @@
 Each test drives ``sami-train`` through torchrun on the tiny converted Llama of test_sami_train.
 Tolerance at another layout: the same global batch and data order, with reductions reordered
 (TP splits matmuls, DP sums gradients from two ranks, PP runs the layers in two processes), so
-fp32 losses agree to rounding: |delta| <= 1e-5 relative over a few steps (measured: ~1e-7).
+fp32 losses agree to rounding: |delta| <= 1e-5 relative over a few steps (the test prints the
+largest difference it saw).
 """
 
 import contextlib
@@ -114,6 +115,9 @@ def test_a_checkpoint_resumes_at_another_layout(setup, tmp_path, reference_curve
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr, resumed.stderr[-3000:]
     got = curve(run_dir)
     assert [row[0] for row in got] == [1, 2, 3, 4]
+    deltas = [abs(loss - want) / max(1.0, abs(want))
+              for (_, loss, _), (_, want, _) in zip(got, reference_curve, strict=True)]
+    print(f"largest relative loss difference: {max(deltas):.2e}")  # shown with pytest -s
     for (step, loss, grad_norm), (_, want_loss, want_grad_norm) in zip(got, reference_curve, strict=True):
         assert abs(loss - want_loss) <= LAYOUT_TOLERANCE * max(1.0, abs(want_loss)), (step, loss, want_loss)
         assert abs(grad_norm - want_grad_norm) <= 1e-4 * max(1.0, want_grad_norm), (step, grad_norm, want_grad_norm)
