@@ -202,8 +202,8 @@ def check_output_apart(output: Path | str, inputs: Mapping[str, Path | str], sib
     Raises:
         OutputOverlapError: the output (or a sibling) is an input, contains one, or lies in one.
     """
-    output = Path(output)
-    candidates = [output, *(output.with_name(output.name + suffix) for suffix in siblings)]
+    output = Path(output).resolve()  # "." and "dir/.." have no name of their own to add a suffix to
+    candidates = [output, *(output.with_name(output.name + suffix) for suffix in siblings if output.name)]
     for label, given in inputs.items():
         source = Path(given).resolve()
         for candidate in candidates:

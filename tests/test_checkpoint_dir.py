@@ -41,9 +41,11 @@ def test_output_path_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConversionError, match="is a file"):
         check_output_path(tmp_path / "file", overwrite=True)
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "model.yaml").write_text("name: x\n")
     with pytest.raises(ConversionError, match="--overwrite"):
-        check_output_path(tmp_path, overwrite=False)
-    check_output_path(tmp_path, overwrite=True)
+        check_output_path(tmp_path / "earlier", overwrite=False)
+    check_output_path(tmp_path / "earlier", overwrite=True)
     check_output_path(tmp_path / "new", overwrite=False)
 
 
@@ -72,3 +74,20 @@ def test_an_output_overlapping_an_input_is_refused_before_the_overwrite_question
         check_output_path(tmp_path, overwrite=False, inputs={"checkpoint": tmp_path / "ckpt"})
     with pytest.raises(OutputOverlapError, match="is the checkpoint"):
         check_output_path(tmp_path / "ckpt", overwrite=True, inputs={"checkpoint": tmp_path / "ckpt"})
+
+
+@pytest.mark.parametrize(("content", "replaceable"), [
+    ({}, True), ({"model.yaml": "name: x\n"}, True), ({"config.json": "{}"}, True), ({"notes.txt": "mine"}, False)])
+def test_overwrite_replaces_only_an_empty_directory_or_an_earlier_output(tmp_path, content, replaceable):
+    from megatron_sami.errors import ConversionError
+    from megatron_sami.models.checkpoint_dir import check_output_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, text in content.items():
+        (out / name).write_text(text)
+    if replaceable:
+        check_output_path(out, overwrite=True)
+    else:
+        with pytest.raises(ConversionError, match="not replaced even with --overwrite"):
+            check_output_path(out, overwrite=True)

@@ -132,3 +132,56 @@ def test_the_lock_dies_with_its_holder(tmp_path):
     holder.kill()
     holder.wait()
     RunLock(tmp_path, "test").acquire().release()
+
+
+def test_a_latest_pointer_to_a_missing_checkpoint_is_refused_naming_those_present(tmp_path):
+    """Starting over instead would drop the run's metrics and overwrite its checkpoints."""
+    from megatron_sami.alignment.trainer import latest_checkpoint
+
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_000004").mkdir(parents=True)
+    assert latest_checkpoint(tmp_path) is None
+    (checkpoints / "latest").write_text("step_000006\n")
+    with pytest.raises(CheckpointError, match="names step_000006, which does not exist \\(present: step_000004\\)"):
+        latest_checkpoint(tmp_path)
+    (checkpoints / "latest").write_text("step_000004\n")
+    assert latest_checkpoint(tmp_path) == checkpoints / "step_000004"
+
+
+@pytest.mark.parametrize("run_dir", ["ckpt", "ckpt/weights", "."])
+def test_a_training_run_directory_apart_from_its_source_checkpoint(tmp_path, monkeypatch, run_dir):
+    from types import SimpleNamespace
+
+    from megatron_sami.alignment.trainer import TrainConfig, claim_run_dir
+    from megatron_sami.errors import OutputOverlapError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckpt" / "weights").mkdir(parents=True)
+    cfg = TrainConfig(checkpoint=str(tmp_path / "ckpt"), run_dir=run_dir)
+    with pytest.raises(OutputOverlapError, match="checkpoint"):
+        claim_run_dir(cfg, SimpleNamespace(is_rank0=True), "")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["weights"]
+
+
+def test_sigusr1_reaches_torchrun_workers_as_sigterm(tmp_path):
+    """torchrun (torch 2.13) passes on only SIGTERM, SIGINT, SIGHUP and SIGQUIT."""
+    import signal as signals
+
+    from test_driver_rules import hf_dir, open_run
+
+    run = open_run(tmp_path / "run", hf_dir(tmp_path / "hf"))
+    sent = []
+    run.child = SimpleChild(sent)
+    run._on_signal(signals.SIGUSR1, None)
+    assert sent == [signals.SIGTERM] and run.stop_signal == signals.SIGUSR1
+
+
+class SimpleChild:
+    def __init__(self, sent: list) -> None:
+        self.sent = sent
+
+    def poll(self) -> None:
+        return None
+
+    def send_signal(self, number: int) -> None:
+        self.sent.append(number)

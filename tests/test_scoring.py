@@ -19,7 +19,7 @@ from megatron_sami.alignment import scoring
 from megatron_sami.alignment.data import SamiRecord
 from megatron_sami.alignment.trainer import TrainConfig
 from megatron_sami.cli.schemas import defaults_tree, register_schema
-from megatron_sami.errors import ConfigError, DataError
+from megatron_sami.errors import ConfigError, DataError, SamiError
 from megatron_sami.evaluation import mi
 from megatron_sami.resources import config_dir
 from megatron_sami.runtime.layout import ParallelConfig
@@ -226,7 +226,8 @@ def test_a_bad_input_is_one_sentence_from_the_first_process_only(tmp_path, monke
 
     monkeypatch.setenv("RANK", rank)
     monkeypatch.setattr(score_cli, "FOLLOWER_WAIT_S", 0.0)
-    cfg = scoring.ScoreConfig(checkpoint=str(tmp_path / "nope"), records="-", output="-")
+    cfg = scoring.ScoreConfig(checkpoint=str(tmp_path / "nope"), records=str(tmp_path / "r.jsonl"),
+                              output=str(tmp_path / "m.jsonl"))
     with pytest.raises(SystemExit) as stop:
         score_cli._read_or_exit(cfg)
     lines = capsys.readouterr().err.splitlines()
@@ -235,3 +236,19 @@ def test_a_bad_input_is_one_sentence_from_the_first_process_only(tmp_path, monke
         assert len(lines) == 1 and lines[0].startswith("error: ") and "is not a converted checkpoint" in lines[0]
     else:
         assert lines == []
+
+
+@pytest.mark.parametrize("where", ["records", "inside-records", "checkpoint", "directory"])
+def test_an_output_that_is_or_holds_an_input_is_refused_before_anything_is_written(tmp_path, where):
+    """sami-score's output (and its .parts directory, removed when stale) must not replace an input."""
+    records, checkpoint = tmp_path / "shards", tmp_path / "ckpt"
+    records.mkdir()
+    checkpoint.mkdir()
+    (records / "shard-00000.jsonl").write_text("{}\n")
+    output = {"records": records, "inside-records": records / "m.jsonl", "checkpoint": checkpoint / "m.jsonl",
+              "directory": tmp_path}[where]
+    cfg = scoring.ScoreConfig(checkpoint=str(checkpoint), records=str(records), output=str(output))
+    with pytest.raises(SamiError, match="output"):
+        scoring.read_scoring_data(cfg, world_size=1)
+    assert sorted(p.name for p in records.iterdir()) == ["shard-00000.jsonl"]
+    assert not list(tmp_path.rglob("*.parts"))

@@ -43,7 +43,7 @@ from megatron_sami.alignment.shared_prompt import share_microbatches
 from megatron_sami.alignment.step import score_matrices
 from megatron_sami.alignment.trainer import TrainConfig, trim_alignment, trim_padding
 from megatron_sami.errors import ConfigError, DataError, OverlengthError
-from megatron_sami.io import atomic_write_json, atomic_write_jsonl
+from megatron_sami.io import atomic_write_json, atomic_write_jsonl, check_output_apart
 from megatron_sami.models.build import applies_attention_masks
 from megatron_sami.models.checkpoint_dir import HF_DIR, load_checkpoint_model, read_checkpoint_model
 from megatron_sami.models.config import PARAMS_DTYPES, ModelConfig
@@ -215,8 +215,10 @@ def read_scoring_data(cfg: ScoreConfig, world_size: int | None = None) -> Scorin
         world_size: the job's processes (default: the launcher's variables).
 
     Raises:
+        OutputOverlapError: ``output`` (or its ``.parts`` directory) is, holds or lies inside an input.
         ConversionError: ``cfg.checkpoint`` is not a checkpoint directory.
-        ConfigError: ``seq_length`` beyond the model's positions.
+        ConfigError: ``seq_length`` beyond the model's positions, or ``output`` is a directory or
+            lies in a directory that does not exist.
         LayoutError: the layout does not fit the model or the world size.
         DataError: as :func:`read_scoring_records`, or no record fits ``seq_length``.
         OverlengthError: a record is longer than ``seq_length`` and ``on_overlength=error``.
@@ -225,6 +227,14 @@ def read_scoring_data(cfg: ScoreConfig, world_size: int | None = None) -> Scorin
 
     from megatron_sami.runtime.quiet import quiet_transformers
 
+    # The output and its .parts directory (removed when stale) must not be or hold an input.
+    inputs = {"records": Path(cfg.records), "checkpoint": Path(cfg.checkpoint)}
+    check_output_apart(cfg.output, inputs, siblings=(".parts",))
+    if Path(cfg.output).is_dir():
+        raise ConfigError(f"output={cfg.output} is a directory; name a file for the matrices (e.g. "
+                          f"{Path(cfg.output) / 'matrices.jsonl'}).")
+    if not Path(cfg.output).resolve().parent.is_dir():
+        raise ConfigError(f"output={cfg.output}: its directory does not exist; create it or choose another path.")
     model, _ = read_checkpoint_model(Path(cfg.checkpoint))
     if cfg.seq_length is not None and cfg.seq_length > model.max_position_embeddings:
         raise ConfigError(f"seq_length={cfg.seq_length} exceeds {model.name}'s max_position_embeddings "

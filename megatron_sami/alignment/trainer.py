@@ -52,7 +52,7 @@ from megatron_sami.alignment.schedule import LRSchedule
 from megatron_sami.alignment.shared_prompt import PAD_SEGMENT, share_microbatches
 from megatron_sami.alignment.step import sami_forward_step
 from megatron_sami.errors import CheckpointError, ConfigError, Preempted, RunInUse
-from megatron_sami.io import append_jsonl, atomic_write_text, rewrite_jsonl
+from megatron_sami.io import append_jsonl, atomic_write_text, check_output_apart, rewrite_jsonl
 from megatron_sami.models.build import applies_attention_masks
 from megatron_sami.models.checkpoint import save_weights, staged_output
 from megatron_sami.models.checkpoint_dir import (
@@ -217,6 +217,8 @@ def save_training_checkpoint(run: TrainRun) -> Path:
                 write_checkpoint_description(Path(run.cfg.checkpoint), staging)
                 for sub in ("optimizer", "trainer_state/rng"):
                     (staging / sub).mkdir(parents=True)
+                # The settings this checkpoint was trained with, what a resume compares against.
+                atomic_write_text(staging / "trainer_state" / "config.yaml", run.resolved_yaml)
             dist.barrier()
             save_weights(run.ddp_model, staging / "weights")
             save_optimizer(run.ddp_model, run.optimizer, staging / "optimizer", fmt)
@@ -273,13 +275,22 @@ def _write_failure(err: BaseException, run_dir: Path) -> str:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint ``run_dir/checkpoints/latest`` names, or None (a fresh run, or a pointer to
-    a directory that is gone)."""
+    """The checkpoint ``run_dir/checkpoints/latest`` names, or None (a fresh run).
+
+    Raises:
+        CheckpointError: the pointer names a directory that is gone (starting over would drop the
+            run's metrics and overwrite its checkpoints); the message lists those that exist.
+    """
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
     path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    if not path.is_dir():
+        present = sorted(p.name for p in pointer.parent.glob("step_*") if p.is_dir() and "." not in p.name)
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist (present: "
+                              f"{', '.join(present) or 'none'}); write the name of the checkpoint to resume from into "
+                              f"it, or use a new run_dir.")
+    return path
 
 
 def load_training_state(path: Path, state: TrainerState, layout: Layout, ddp_model, optimizer) -> None:
@@ -399,6 +410,7 @@ class TrainRun:
     multiple: int  # trimmed lengths are rounded up to this
     peak_tflops: float | None  # the GPU's dense peak, for MFU
     lock: RunLock | None  # the run directory's lock (rank 0)
+    resolved_yaml: str  # this start's resolved config (saved with every checkpoint)
     step: int = 0  # optimizer steps done
     position: int = 0  # queries consumed from the endless seeded order
     last_saved: Path | None = None
@@ -460,12 +472,14 @@ def claim_run_dir(cfg: TrainConfig, info: RuntimeInfo, resolved_yaml: str) -> tu
     the changed settings may change.
 
     Raises:
+        OutputOverlapError: ``run_dir`` is, holds or lies inside the source checkpoint.
         RunInUse: another trainer holds the run directory.
         LayoutError: the saved optimizer state cannot be loaded at this layout.
         ConfigError: a setting changed that cannot change within a run.
         CheckpointError: the checkpoint's trainer state is missing or malformed.
     """
     run_dir = Path(cfg.run_dir)
+    check_output_apart(run_dir, {"checkpoint": Path(cfg.checkpoint)})
     lock, refusal = None, None
     if info.is_rank0:
         try:
@@ -478,8 +492,11 @@ def claim_run_dir(cfg: TrainConfig, info: RuntimeInfo, resolved_yaml: str) -> tu
     if resume.checkpoint is not None:
         resume.state = TrainerState.read(resume.checkpoint / "trainer_state")
         check_layout(resume.state, run_layout(info), resume.checkpoint)
-        if (run_dir / "config.yaml").is_file():
-            resume.changes = config_changes((run_dir / "config.yaml").read_text(), resolved_yaml, run_dir)
+        saved = resume.checkpoint / "trainer_state" / "config.yaml"
+        if not saved.is_file():
+            raise CheckpointError(f"{resume.checkpoint} holds no trainer_state/config.yaml (the settings it was trained "
+                                  f"with), so a resume cannot tell what changed; start a new run_dir.")
+        resume.changes = config_changes(saved.read_text(), resolved_yaml, run_dir)
     return lock, resume
 
 
@@ -520,7 +537,7 @@ def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolv
         data_parallel_rank=data_parallel_rank(), share_prompts=_shares_prompts(cfg, model),
         # Trimmed lengths stay divisible by TP (sequence parallelism) and, on GPUs, by 16.
         multiple=math.lcm(trim_alignment(bool(cfg.precision.fp8)), cfg.parallel.tensor),
-        peak_tflops=peak, lock=lock, step=step, position=position, last_saved=resume.checkpoint,
+        peak_tflops=peak, lock=lock, resolved_yaml=resolved_yaml, step=step, position=position, last_saved=resume.checkpoint,
         first_step=step + 1)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from omegaconf import OmegaConf
 
 from megatron_sami.cli.common import run_hydra_app
@@ -12,6 +14,11 @@ from megatron_sami.typed_config import to_typed
 def _task(cfg) -> None:
     from megatron_sami.alignment.trainer import TrainConfig, train
 
+    # Paths are recorded absolute, so that a resume from another directory compares the same run.
+    for key in ("checkpoint", "run_dir", "data.records", "data.tokenizer"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value not in ("", "???"):
+            OmegaConf.update(cfg, key, os.path.abspath(value))
     train_config = to_typed(TrainConfig, cfg, "train")
     train(train_config, OmegaConf.to_yaml(cfg, resolve=True))
 

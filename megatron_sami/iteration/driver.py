@@ -407,6 +407,10 @@ class Run:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         self.stop_signal = number
         logger.warning("[iterate] received %s: stopping at the next safe point", signal.Signals(number).name)
+        if number == signal.SIGUSR1 and not self.cfg.launcher.prefix:
+            # torchrun passes on only SIGTERM, SIGINT, SIGHUP and SIGQUIT (torch 2.13); SIGUSR1 would
+            # end it and, with it, its workers, before they checkpoint. SIGTERM means the same to them.
+            number = signal.SIGTERM
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(number)
 

@@ -53,15 +53,26 @@ def check_output_path(out_dir: Path, overwrite: bool, inputs: dict[str, Path] | 
 
     Raises:
         OutputOverlapError: the output overlaps an input (:func:`megatron_sami.io.check_output_apart`).
-        ConversionError: the path is a file, or exists and ``overwrite`` is false.
+        ConversionError: the path is a file, exists and ``overwrite`` is false, or exists and holds
+            something other than an earlier output (a non-empty directory without model.yaml or
+            config.json), which is never replaced.
     """
     out_dir = Path(out_dir)
     check_output_apart(out_dir, inputs or {}, STAGING_SUFFIXES)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConversionError(f"output path {out_dir} is a file; choose a directory path.")
+    if out_dir.exists() and not _replaceable(out_dir):
+        # --overwrite replaces an earlier output, never a directory of something else.
+        raise ConversionError(f"{out_dir} exists and holds neither a checkpoint (model.yaml) nor an HF model "
+                              f"(config.json), so it is not replaced even with --overwrite; choose another path.")
     if out_dir.exists() and not overwrite:
         raise ConversionError(f"{out_dir} already exists; pass --overwrite to replace it or choose another path.")
     check_writable_parent(out_dir)
+
+
+def _replaceable(out_dir: Path) -> bool:
+    """An empty directory, or what a conversion writes (a checkpoint or an HF model directory)."""
+    return not any(out_dir.iterdir()) or (out_dir / "model.yaml").is_file() or (out_dir / "config.json").is_file()
 
 
 def check_writable_parent(out_dir: Path) -> None:
