@@ -7,4 +7,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"
 cd "$SAMI_ROOT"
 # pytest's exit code 5 (no tests collected) is a failure, as is any other non-zero code.
-exec python -m pytest "$@"
+# The slowest tests are listed at the end, to keep the suite's time in view.
+exec python -m pytest --durations=25 "$@"
