@@ -157,16 +157,22 @@ def rewrite_jsonl(path: Path | str, keep: Callable[[Any], bool]) -> None:
     middle of :func:`append_jsonl` can leave, is dropped.
 
     Raises:
-        json.JSONDecodeError: if a line other than the last is not JSON (the log is then unchanged).
+        DataError: a line other than the last is not a JSON object (the log is then unchanged).
     """
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from megatron_sami.errors import DataError
+
+    lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            if number < len(lines):
-                raise
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif number < len(lines):
+            raise DataError(f"{path}:{number} is not a JSON object (the file was edited or damaged); repair or "
+                            f"delete that line, then rerun.")
     atomic_write_jsonl(path, (row for row in rows if keep(row)))
 
 

@@ -63,3 +63,12 @@ def test_an_unreachable_judge_is_reported_before_any_phase_runs(tmp_path):
     run.prepare = lambda: pytest.fail("a phase ran before the judge was asked")
     with pytest.raises(JudgeError):
         run.run()
+
+
+@pytest.mark.parametrize("content", ["{", "[]", '{"phases": 3}', "\xff"])
+def test_a_damaged_run_state_is_one_sentence(tmp_path, content):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(content, encoding="latin-1")
+    with pytest.raises(DataError, match="state.json is not a run state written by sami-iterate"):
+        open_run(run_dir, hf_dir(tmp_path / "hf"))

@@ -10,6 +10,7 @@ import stat
 import pytest
 
 from megatron_sami import io
+from megatron_sami.errors import DataError
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_rewrite_jsonl_keeps_rows_and_drops_a_torn_last_line(tmp_path):
     io.rewrite_jsonl(log, lambda row: row["step"] <= 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
     log.write_text('{"step": 1}\n{"st\n{"step": 3}\n')  # damage elsewhere is not a torn append: refuse
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(DataError, match="metrics.jsonl:2 is not a JSON object"):
         io.rewrite_jsonl(log, lambda row: True)
     assert log.read_text() == '{"step": 1}\n{"st\n{"step": 3}\n'
 

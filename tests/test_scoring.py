@@ -252,3 +252,13 @@ def test_an_output_that_is_or_holds_an_input_is_refused_before_anything_is_writt
         scoring.read_scoring_data(cfg, world_size=1)
     assert sorted(p.name for p in records.iterdir()) == ["shard-00000.jsonl"]
     assert not list(tmp_path.rglob("*.parts"))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b'{"id": "q1"}\n\xff\n', "r.jsonl:2: byte 1 is not UTF-8"),
+    (b'{"id": "q1", "query": "a"}\n{"id": "q1", "query": "b"}\n', "record ids q1 appear more than once"),
+])
+def test_unreadable_or_ambiguous_records_are_one_sentence(tmp_path, content, message):
+    (tmp_path / "r.jsonl").write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        scoring.read_scoring_records(tmp_path / "r.jsonl")

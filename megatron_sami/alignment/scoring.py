@@ -165,8 +165,25 @@ def _rows(path: Path) -> list[tuple[str, str]]:
         raise DataError(f"records {path} does not exist; check the records setting.")
     rows = []
     for file in files:
-        with file.open(encoding="utf-8") as handle:
-            rows += [(f"{file}:{number}", line) for number, line in enumerate(handle, 1) if line.strip()]
+        for number, raw in enumerate(file.read_bytes().splitlines(), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{file}:{number}: byte {err.start + 1} is not UTF-8; save the records as UTF-8.") from None
+            if line.strip():
+                rows.append((f"{file}:{number}", line))
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for _, line in rows:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # parse_record names the line
+        if isinstance(row, dict) and "id" in row:
+            (repeated if str(row["id"]) in seen else seen).add(str(row["id"]))
+    if repeated:
+        raise DataError(f"{path}: record ids {', '.join(sorted(repeated)[:3])} appear more than once; give every "
+                        "query its own id.")
     return rows
 
 

@@ -32,7 +32,7 @@ import argparse
 from pathlib import Path
 
 from megatron_sami.cli.common import run_main
-from megatron_sami.errors import SamiError
+from megatron_sami.errors import ConfigError, SamiError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -193,10 +193,21 @@ def _winrate(args) -> None:
     print(f"plot: {plot}")
 
 
-@run_main
+# Messages name the judge settings by their JudgeConfig keys (shared with sami-iterate's winrate.judge.*);
+# here they are options.
+FLAGS = {"judge.base_url": "--judge-url", "judge.model": "--judge-model", "judge.api_key_env": "--judge-api-key-env",
+         "judge.max_tokens": "--judge-max-tokens", "judge.concurrency": "--judge-concurrency",
+         "judge.timeout_s": "--judge-timeout", "judge.max_retries": "--judge-retries",
+         "judge.backoff_s": "--judge-backoff"}
+
+
+@run_main(flags=FLAGS)
 def main(argv: list[str] | None = None) -> int:
     """``sami-eval mi|winrate``: MI estimates or judged win rates of a run or of given models."""
     args = _parser().parse_args(argv)
+    for option in ("num_queries", "max_new_tokens", "principles_per_query"):
+        if getattr(args, option) < 1:
+            raise ConfigError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}.")
     if args.command == "winrate":
         import logging
 

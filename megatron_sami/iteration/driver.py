@@ -284,8 +284,7 @@ class Run:
         check_backend_available(cfg.generation)
         if resolved_yaml is not None:
             self._claim(resolved_yaml)
-        self.state = json.loads((self.dir / "state.json").read_text()) if (self.dir / "state.json").exists() \
-            else {"phases": {}}
+        self.state = read_state(self.dir / "state.json")
         self.started = time.perf_counter()
         self.stop_signal: int | None = None
         self.child: subprocess.Popen | None = None
@@ -324,7 +323,7 @@ class Run:
         # One driver per run directory, held until this process exits (the kernel releases it).
         self.lock = RunLock(self.dir, "sami-iterate").acquire()
         saved, state = self.dir / "config.yaml", self.dir / "state.json"
-        started = state.exists() and json.loads(state.read_text())["phases"]
+        started = read_state(state)["phases"]
         if started and saved.exists() and saved.read_text() != resolved_yaml:
             old, new = flatten(OmegaConf.to_container(OmegaConf.create(saved.read_text()))), \
                 flatten(OmegaConf.to_container(OmegaConf.create(resolved_yaml)))
@@ -696,6 +695,24 @@ def winrate_rows(iterations: list[dict]) -> list[dict]:
     """Flatten summary rows into {label, iteration, baseline, result} for tables and plots."""
     return [{"label": f"iter{row['iteration']}", "iteration": row["iteration"], "baseline": baseline, "result": result}
             for row in iterations for baseline, result in row.get("winrate", {}).items()]
+
+
+def read_state(path: Path) -> dict:
+    """A run's ``state.json`` (``{"phases": {...}}``; empty for a new run).
+
+    Raises:
+        DataError: the file is not the JSON object this driver writes.
+    """
+    if not path.exists():
+        return {"phases": {}}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        state = None
+    if not isinstance(state, dict) or not isinstance(state.get("phases"), dict):
+        raise DataError(f"{path} is not a run state written by sami-iterate (damaged or edited); restore it, or "
+                        "delete it to redo every phase of this run directory.")
+    return state
 
 
 def die_with_parent() -> None:
