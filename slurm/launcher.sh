@@ -2,9 +2,9 @@
 # The one launcher behind every slurm/sami_*.sh template: SAMI expert iteration inside an allocation.
 #
 # The batch script runs sami-iterate (the driver) on the first node; the driver launches each
-# training phase with `srun` over every node, one task per GPU (the runtime reads SLURM_PROCID,
-# SLURM_LOCALID and the node list; no torchrun needed), and runs conversion, generation and
-# evaluation on the first node. Rerunning or requeueing the same job continues where it stopped
+# training phase and the MI scoring with `srun` over every node, one task per GPU (the runtime reads
+# SLURM_PROCID, SLURM_LOCALID and the node list; no torchrun needed), and runs conversion, export
+# and generation on the first node. Rerunning or requeueing the same job continues where it stopped
 # (state.json in the run directory). The srun options reach the driver as a list and every path
 # as a quoted Hydra value, so a run directory or model path may hold spaces, quotes, commas and
 # non-ASCII characters; each phase's ranks log to RUN/logs/<phase>-<job>.<attempt>-rank<N>.log.

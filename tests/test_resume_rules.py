@@ -185,3 +185,9 @@ class SimpleChild:
 
     def send_signal(self, number: int) -> None:
         self.sent.append(number)
+
+
+def test_a_refusal_writes_the_value_to_keep_as_an_override_would():
+    with pytest.raises(ConfigError, match=r"rerun with data.tokenizer=null to resume \(only steps, "):
+        config_changes(SAVED.replace("  seq_length: 512", "  seq_length: 512\n  tokenizer: null"),
+                       SAVED.replace("  seq_length: 512", "  seq_length: 512\n  tokenizer: /tok"), Path("run"))

@@ -31,7 +31,8 @@ from megatron_sami.io import atomic_write_json, atomic_write_text
 
 STATE_FORMAT = 2  # trainer_state/state.json; 1 was a pickle per rank (no longer loaded)
 CHANGEABLE_ON_RESUME = ("steps", "save_interval", "recompute_activations", "queries_per_microbatch",
-                        "optimizer.lr", "optimizer.clip_grad", "optimizer.checkpoint_format")
+                        "optimizer.lr", "optimizer.clip_grad", "optimizer.checkpoint_format",
+                        "precision.peak_tflops")
 CHANGEABLE_SECTIONS = ("lr_schedule.", "parallel.")  # every key below these
 # Paths compare by what they point at: ./run and /abs/run are the same run.
 PATH_KEYS = ("checkpoint", "run_dir", "data.records", "data.tokenizer")
@@ -145,10 +146,22 @@ def config_changes(saved_yaml: str, resolved_yaml: str, run_dir: Path) -> dict[s
     if refused:
         key = refused[0]
         before, after = changes[key]
+        may_change = ", ".join([*CHANGEABLE_ON_RESUME, *(f"{section}*" for section in CHANGEABLE_SECTIONS)])
         raise ConfigError(f"{key} changed from {before!r} to {after!r}, but {run_dir} already holds checkpoints "
-                          f"trained with {before!r}; rerun with {key}={before} to resume (steps, save_interval, "
-                          f"optimizer.lr, lr_schedule.* and parallel.* may change), or use a new run_dir.")
+                          f"trained with {before!r}; rerun with {key}={_override_value(before)} to resume (only "
+                          f"{may_change} may change), or use a new run_dir.")
     return changes
+
+
+def _override_value(value: object) -> str:
+    """``value`` as a command-line override writes it (``null``, ``true``, quoted strings)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and (not value or any(c in value for c in " ,'\"=[]{}")):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return str(value)
 
 
 def record_config(run_dir: Path, resolved_yaml: str, changes: dict[str, tuple[object, object]], step: int) -> None:

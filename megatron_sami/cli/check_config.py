@@ -144,7 +144,11 @@ def describe(cfg) -> str:
     model = model_config_from_dict(cfg.model)
     parallel = to_typed(ParallelConfig, cfg.parallel, "parallel")
     precision = to_typed(PrecisionConfig, cfg.precision, "precision")
-    precision.check_hardware()
+    # No hardware check: this runs on login nodes and before GPU time; sami-train checks TE and the
+    # GPU (PrecisionConfig.check_hardware) when it starts.
+    if not float(cfg.gpu_memory_gb) > 0:
+        raise ConfigError(f"gpu_memory_gb must be > 0 (GiB per GPU, e.g. 80 for H100, 141 for H200), got "
+                          f"{cfg.gpu_memory_gb}.")
     data_parallel = parallel.validate(model, int(cfg.world_size), int(cfg.seq_length))
     total = model.num_parameters()
     layout, setup, engine = setups(cfg, model, parallel, data_parallel)
