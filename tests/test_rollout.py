@@ -224,3 +224,19 @@ def test_principle_drafts_are_parsed_validated_and_saved(tmp_path):
 
 def test_all_flip_patterns_helper_matches_itertools():
     assert sorted(all_sign_patterns(3)) == sorted(itertools.product((True, False), repeat=3))
+
+
+def test_vllm_gets_the_memory_share_and_length_and_bf16_for_auto(monkeypatch):
+    """The engine must not take the whole GPU by default nor turn an fp32 config into fp16."""
+    import sys
+    import types
+
+    from megatron_sami.rollout.generation import GenerationConfig, VLLMBackend
+
+    seen = {}
+    fake = types.ModuleType("vllm")
+    fake.LLM = lambda **kwargs: seen.update(kwargs)
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    VLLMBackend("/models/x", GenerationConfig(backend="hf", gpu_memory_utilization=0.5, max_model_len=2048))
+    assert (seen["gpu_memory_utilization"], seen["max_model_len"], seen["dtype"]) == (0.5, 2048, "bfloat16")

@@ -91,8 +91,8 @@ def setups(cfg, model, parallel: ParallelConfig, data_parallel: int):
     if generation.backend == "vllm":
         engine = memory.GenerationSetup(
             tensor_parallel=generation.tensor_parallel,
-            gpu_memory_utilization=getattr(generation, "gpu_memory_utilization", 0.9),
-            max_model_len=getattr(generation, "max_model_len", None) or train.data.seq_length)
+            gpu_memory_utilization=generation.gpu_memory_utilization,
+            max_model_len=generation.max_model_len or train.data.seq_length)
     return layout, setup, engine
 
 

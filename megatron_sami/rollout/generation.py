@@ -48,6 +48,11 @@ class GenerationConfig:
     shard_size: int = 64  # queries per records shard
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tensor_parallel: int = 1  # vllm only
+    # vllm only: the share of each GPU's memory the engine may take (weights + KV cache), and the
+    # longest sequence it must hold (null: the model's own limit). Both reach vllm.LLM and the
+    # memory estimate of sami-check-config.
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +62,8 @@ class GenerationConfig:
             raise ConfigError("generation.max_new_tokens, batch_size and shard_size must be >= 1.")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError("generation.temperature must be >= 0 and top_p in (0, 1].")
+        if not 0 < self.gpu_memory_utilization <= 1 or (self.max_model_len is not None and self.max_model_len < 1):
+            raise ConfigError("generation.gpu_memory_utilization must be in (0, 1] and max_model_len >= 1 (or null).")
 
 
 @dataclass(frozen=True)
@@ -151,9 +158,11 @@ class VLLMBackend:
             raise EnvironmentSetupError("generation backend 'vllm' is not installed; install vllm on the GPU machines "
                                         "(pip install vllm) or use generation.backend=hf.") from err
         self.cfg = cfg
-        dtype = "auto" if cfg.dtype == "auto" else {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
+        # "auto" is bf16 on GPUs, as for the hf backend (vLLM's own "auto" turns an fp32 config into fp16).
+        dtype = {"auto": "bfloat16", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[cfg.dtype]
         self.llm = vllm.LLM(model=str(model_dir), tensor_parallel_size=cfg.tensor_parallel, dtype=dtype,
-                            seed=cfg.seed)
+                            seed=cfg.seed, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                            max_model_len=cfg.max_model_len)
         self.params = vllm.SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p,
                                           max_tokens=cfg.max_new_tokens, stop=[s for s in cfg.stop if s],
                                           seed=cfg.seed)
