@@ -288,9 +288,23 @@ def test_sami_train_refuses_unreadable_records_in_one_sentence(models, tmp_path,
     records = _records(tmp_path, content) if content is not None else tmp_path / "absent.jsonl"
     run_dir = tmp_path / "run"
     monkeypatch.setattr(sys, "argv", ["sami-train", f"checkpoint={ckpt}", f"data.records={records}",
-                                      f"run_dir={run_dir}", "queries_per_step=1", "steps=1"])
+                                      f"run_dir={run_dir}", "queries_per_step=1", "steps=1", "data.seq_length=64"])
     code, err = call_cli(lambda argv: train_cli.main(), [], capsys)
     assert_one_sentence(code, err, *expected)
+    assert not run_dir.exists()
+
+
+def test_sami_train_refuses_a_sequence_length_beyond_the_model_before_anything_is_written(models, tmp_path, capsys,
+                                                                                         monkeypatch):
+    from megatron_sami.cli import train as train_cli
+
+    _, ckpt = models
+    records = _records(tmp_path, json.dumps(GOOD_RECORD).encode() + b"\n")
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["sami-train", f"checkpoint={ckpt}", f"data.records={records}",
+                                      f"run_dir={run_dir}", "queries_per_step=1", "data.seq_length=100000"])
+    code, err = call_cli(lambda argv: train_cli.main(), [], capsys)
+    assert_one_sentence(code, err, "data.seq_length=100000 exceeds", "set data.seq_length to at most")
     assert not run_dir.exists()
 
 

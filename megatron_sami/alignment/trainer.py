@@ -620,6 +620,9 @@ def train(cfg: TrainConfig, resolved_yaml: str) -> Path:
     """
     cfg.precision.check_hardware()  # FP8 without TE or a capable GPU: refused before any work
     model_config, _ = read_checkpoint_model(Path(cfg.checkpoint))
+    if cfg.data.seq_length > model_config.max_position_embeddings:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length} exceeds {model_config.name}'s max_position_embeddings "
+                          f"({model_config.max_position_embeddings}); set data.seq_length to at most that.")
     with megatron_runtime(cfg.parallel, model=model_config, seed=cfg.seed, seq_length=cfg.data.seq_length) as info:
         run = setup(cfg, info, model_config, resolved_yaml)
         try:
