@@ -166,3 +166,17 @@ def conversion_with_a_read_error_in_a_writer_thread(hf_dir: str, out_dir: str) -
     finally:
         SafetensorsReader.read_rows, os.copy_file_range = read_rows, copy_file_range
     return {"error": None}
+
+
+def save_in_two_shards(tensors: dict, directory: Path) -> dict[str, str]:
+    """Save ``tensors`` into ``directory`` as two safetensors shards (as large checkpoints are);
+    returns the weight map an index would hold."""
+    from safetensors.torch import save_file
+
+    keys = sorted(tensors)
+    weight_map = {}
+    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
+        name = f"model-0000{number}-of-00002.safetensors"
+        save_file({key: tensors[key] for key in part}, str(directory / name))
+        weight_map.update({key: name for key in part})
+    return weight_map

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import conversion_jobs
 import pytest
 
 from megatron_sami.cli import convert as convert_cli
@@ -182,17 +183,11 @@ def test_malformed_hf_config_is_one_sentence(work, capsys, case):
 
 def _shard(hf_dir: Path) -> dict[str, str]:
     """Re-save the model as two shards with an index; returns the weight map."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     tensors = load_file(hf_dir / HF_FILE)
     (hf_dir / HF_FILE).unlink()
-    keys = sorted(tensors)
-    weight_map = {}
-    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
-        name = f"model-0000{number}-of-00002.safetensors"
-        save_file({key: tensors[key] for key in part}, str(hf_dir / name))
-        weight_map.update({key: name for key in part})
-    return weight_map
+    return conversion_jobs.save_in_two_shards(tensors, hf_dir)
 
 
 def _write_index(hf_dir: Path, weight_map) -> None:

@@ -179,17 +179,10 @@ def _break_copy(converted, tmp_path, variant="llama") -> Path:
 
 def _shard(hf_dir: Path, tmp_path: Path) -> Path:
     """Re-save a model as two shards with an index (as large checkpoints are)."""
-    from safetensors.torch import save_file
-
     tensors = read_safetensors_dir(hf_dir)
     sharded = tmp_path / "sharded"
     shutil.copytree(hf_dir, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
-    keys = sorted(tensors)
-    weight_map = {}
-    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), start=1):
-        name = f"model-0000{number}-of-00002.safetensors"
-        save_file({key: tensors[key] for key in part}, str(sharded / name))
-        weight_map.update({key: name for key in part})
+    weight_map = jobs.save_in_two_shards(tensors, sharded)
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return sharded
 
