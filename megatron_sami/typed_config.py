@@ -27,3 +27,15 @@ def to_typed[T](schema: type[T], values: Any, prefix: str) -> T:
         key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
         message = getattr(err, "msg", str(err)).splitlines()[0]
         raise ConfigError(f"invalid value for {key}: {message}; fix the config or the override.") from err
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 from megatron_sami.errors import CheckpointError, ConfigError, LayoutError
 from megatron_sami.io import atomic_write_json, atomic_write_text
+from megatron_sami.typed_config import flatten
 
 STATE_FORMAT = 2  # trainer_state/state.json; 1 was a pickle per rank (no longer loaded)
 CHANGEABLE_ON_RESUME = ("steps", "save_interval", "recompute_activations", "queries_per_microbatch",
@@ -113,17 +114,7 @@ def check_layout(saved: TrainerState, current: Layout, checkpoint: Path) -> None
 
 
 def _flat(yaml_text: str) -> dict[str, object]:
-    flat: dict[str, object] = {}
-
-    def walk(node, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(OmegaConf.create(yaml_text)), "")
-    return flat
+    return flatten(OmegaConf.to_container(OmegaConf.create(yaml_text)))
 
 
 def _same(key: str, old: object, new: object) -> bool:

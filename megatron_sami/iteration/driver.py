@@ -54,6 +54,7 @@ from megatron_sami.rollout.generation import (
 from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
 from megatron_sami.runlock import RunLock
 from megatron_sami.runtime.distributed import logger
+from megatron_sami.typed_config import flatten
 
 TRAIN_FROM = ("base", "previous")
 # sami-train settings the driver sets itself for every iteration; a train: section cannot set them.
@@ -225,18 +226,6 @@ def train_settings(cfg: IterateConfig):
     values = {k: v for k, v in values.items() if k not in ("defaults", "hydra")}
     driver = {"checkpoint": "-", "run_dir": "-", "data": {"records": "-"}, "template": OmegaConf.structured(cfg.template)}
     return to_typed(TrainConfig, OmegaConf.merge(values, driver, cfg.train), "train")
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, object]:
-    """Nested mappings as one level of dotted keys: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat: dict[str, object] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 def hydra_quote(text: str) -> str:
