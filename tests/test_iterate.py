@@ -8,8 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from megatron_sami.testing.processes import wait_until_gone
 
 import iterate_jobs
 
@@ -100,11 +101,6 @@ def wait_for(path_glob: Path, process, timeout=600):
     raise AssertionError(f"{path_glob} never appeared")
 
 
-def processes_in(run_dir: Path) -> list:
-    """Processes whose command line names ``run_dir`` (the driver's phases, torchrun, its workers)."""
-    return [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
-
-
 def kill(process):
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -127,10 +123,7 @@ def test_kills_in_generation_and_training_resume_to_the_same_result(tiny, finish
     assert "iter1/train" not in json.loads((run_dir / "state.json").read_text())["phases"]
     # kill -9 of sami-iterate's group ends torchrun and its workers too (issue 16: they used to keep
     # training in sessions of their own, beside the rerun's trainer).
-    deadline = time.monotonic() + 120
-    while processes_in(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not processes_in(run_dir), [p.info["cmdline"] for p in processes_in(run_dir)]
+    wait_until_gone(run_dir, [run_dir, run_dir / "iter1" / "train"])
 
     result = run(command)
     assert "resumed from" in result.stderr

@@ -21,6 +21,8 @@ import sami_jobs
 import yaml
 from test_sami_train import metrics, train_command
 
+from megatron_sami.testing.processes import wait_until_gone
+
 pytestmark = pytest.mark.slow
 LAYOUT_TOLERANCE = 1e-5  # relative, fp32 losses after reordered reductions
 
@@ -43,16 +45,6 @@ def curve(run_dir: Path) -> list[tuple[int, float, float]]:
 
 def workers_of(job: subprocess.Popen) -> list[psutil.Process]:
     return [p for p in psutil.Process(job.pid).children(recursive=True) if "megatron_sami.cli.train" in " ".join(p.cmdline())]
-
-
-def trainers_in(run_dir: Path) -> list[psutil.Process]:
-    """Processes still training in ``run_dir`` (torchrun or its workers)."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
-        if "megatron_sami.cli.train" in command and str(run_dir) in command:
-            found.append(process)
-    return found
 
 
 def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen) -> None:
@@ -180,14 +172,9 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused(setup, tmp_path):
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     # kill -9 of torchrun's group: its worker dies with it (die_with_launcher), and the kernel releases the
-    # lock with its holder, so the run can be resumed.
-    deadline = time.monotonic() + 120
-    while trainers_in(run_dir) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not trainers_in(run_dir), "a worker outlived torchrun"
-    from megatron_sami.runlock import RunLock
-
-    RunLock(run_dir, "test").acquire().release()
+    # lock with its holder, so the run can be resumed. (A dying process leaves /proc's command lines a moment
+    # before its files are closed, so wait on the lock itself too.)
+    wait_until_gone(run_dir, [run_dir])
 
 
 def test_a_checkpoint_the_file_system_refuses_is_one_sentence_and_leaves_nothing_half_written(setup, tmp_path):
