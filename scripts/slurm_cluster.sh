@@ -46,6 +46,11 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
+# A requeued job may start again after cred_expire + 1 s (120 s by default): 60 s keeps step
+# credentials generous on a slow machine and the requeue test a minute shorter; a scheduling pass
+# every 5 s (not 60 s) starts it as soon as it may start.
+AuthInfo=cred_expire=60
+SchedulerParameters=sched_interval=5,bf_interval=5
 KillWait=10
 SlurmdTimeout=60
 InactiveLimit=0

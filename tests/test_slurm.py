@@ -141,41 +141,35 @@ def test_two_node_run_completes_and_resubmission_does_no_work(cluster, tiny, ref
     assert (run_dir / "state.json").read_text() == before
 
 
-def test_cancelled_job_resubmitted_ends_with_the_same_checkpoint(cluster, tiny, reference, tmp_path):
-    run_dir = tmp_path / "cancelled"
-    _, job_id, output = sbatch(cluster, tiny, run_dir, wait=False)
-    wait_for(lambda: (run_dir / "iter1" / "train" / "checkpoints" / "step_000001").is_dir(), "the first checkpoint",
-             cluster=cluster, job_id=job_id, output=output)
-    subprocess.run(["scancel", job_id], env=os.environ | {"SLURM_CONF": cluster["SLURM_CONF"]}, check=True)
-    wait_for(lambda: not in_queue(cluster, job_id), "the cancelled job to leave the queue")
-    assert job_state(cluster, job_id) == "CANCELLED"  # not requeued by the launcher
-    assert not json.loads((run_dir / "summary.json").read_text())["complete"]
-    result, _, output = sbatch(cluster, tiny, run_dir)
-    assert result.returncode == 0, output.read_text()[-3000:]
-    expected, got = final_weights(reference[0]), final_weights(run_dir)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert (expected[name] == got[name]).all(), name
-
-
-def test_time_limit_signal_checkpoints_requeues_and_completes(cluster, tiny, reference, tmp_path):
-    run_dir = tmp_path / "signalled"
+def test_time_limit_requeue_then_cancel_and_resubmission_end_with_the_same_weights(cluster, tiny, reference, tmp_path):
+    """One job through both stops a cluster gives a run: the time-limit warning (the job checkpoints and
+    requeues itself), then scancel of the requeued attempt (it stays cancelled), then a resubmission that
+    finishes. The final weights equal the uninterrupted run's, and no attempt's logs are lost."""
+    run_dir = tmp_path / "stopped twice"
+    slurm_env = os.environ | {"SLURM_CONF": cluster["SLURM_CONF"]}
     _, job_id, output = sbatch(cluster, tiny, run_dir, wait=False)
     wait_for(lambda: (run_dir / "iter1" / "train" / "metrics.jsonl").exists(), "training to start",
              cluster=cluster, job_id=job_id, output=output)
     # What --signal=B:USR1@60 does before the time limit: signal the batch shell.
-    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=os.environ | {"SLURM_CONF": cluster["SLURM_CONF"]},
-                   check=True)
-    # A requeued job leaves the queue only for a moment (or not at all): watch its state, not the queue.
-    wait_for(lambda: (run_dir / "summary.json").exists() and json.loads((run_dir / "summary.json").read_text())["complete"]
-             and job_state(cluster, job_id) in ("COMPLETED", "GONE"), "the requeued job to finish")
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm_env, check=True)
+    # A requeued job leaves the queue only for a moment (or not at all): wait for its second attempt's work.
+    wait_for(lambda: (run_dir / "iter2" / "train" / "checkpoints" / "step_000001").is_dir(),
+             "the requeued attempt's first checkpoint of iteration 2", cluster=cluster, job_id=job_id, output=output)
     text = output.read_text()
-    assert "requeueing job" in text and "(restart 1)" in text
+    assert "requeueing job" in text and "(restart 1)" in text, text[-3000:]
+    subprocess.run(["scancel", job_id], env=slurm_env, check=True)
+    wait_for(lambda: not in_queue(cluster, job_id), "the cancelled job to leave the queue")
+    assert job_state(cluster, job_id) == "CANCELLED"  # not requeued by the launcher
+    assert not json.loads((run_dir / "summary.json").read_text())["complete"]
+
+    result, _, resubmitted = sbatch(cluster, tiny, run_dir)
+    assert result.returncode == 0, resubmitted.read_text()[-3000:]
     # The first attempt's training logs survive the requeue beside the second attempt's.
     logs = rank_logs(run_dir, "iter1-train") | rank_logs(run_dir, "iter2-train")
     assert "runtime: slurm world=2" in logs[f"iter1-train-{job_id}.0-rank0.log"], logs.keys()
     assert any(name.endswith(f"-{job_id}.1-rank0.log") and "runtime: slurm" in text for name, text in logs.items())
     expected, got = final_weights(reference[0]), final_weights(run_dir)
+    assert expected.keys() == got.keys()
     for name in expected:
         assert (expected[name] == got[name]).all(), name
 
