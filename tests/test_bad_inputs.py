@@ -121,6 +121,23 @@ def test_an_output_overlapping_its_source_is_refused_and_the_source_kept(work, c
     assert snapshot(source.parent) == before  # the source byte for byte, and nothing new beside it
 
 
+@pytest.mark.parametrize("argv", [
+    ["mi", "--model", "base={hf}", "--out", "{hf}/mi"],
+    ["winrate", "--test", "{hf}", "--baseline-model", "{hf}", "--out", "{hf}/..", "--judge-url", "http://127.0.0.1:9/v1",
+     "--judge-model", "judge"],
+    ["winrate", "--test-records", "{hf}/config.json", "--baseline-records", "{hf}/config.json", "--out", "{hf}",
+     "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "judge"],
+], ids=["mi-inside-model", "winrate-parent-of-model", "winrate-records-inside"])
+def test_an_evaluation_output_overlapping_a_model_or_records_is_refused(work, capsys, argv):
+    from megatron_sami.cli import eval as eval_cli
+
+    hf_dir, _ = work
+    before = snapshot(hf_dir.parent)
+    code, err = call_cli(eval_cli.main, [arg.format(hf=hf_dir) for arg in argv], capsys)
+    assert_one_sentence(code, err, "neither is, contains nor lies inside")
+    assert snapshot(hf_dir.parent) == before
+
+
 def test_an_output_whose_staging_directory_is_the_source_is_refused(work, capsys):
     """The conversion stages into ``<out>.incomplete`` and clears it first: a source of that name
     would be deleted."""

@@ -85,3 +85,14 @@ def test_a_config_that_does_not_compose_is_one_sentence_naming_the_fix(command, 
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and fix in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(("module", "app"), [("train", "sami-train"), ("iterate", "sami-iterate"),
+                                             ("score", "sami-score"), ("check_config", "sami-check-config")])
+def test_help_names_the_command_and_how_to_run_it(module, app):
+    """``--help`` of a Hydra app used to begin "<module> is powered by Hydra" (the module's name, not the command's)."""
+    result = subprocess.run([sys.executable, "-m", f"megatron_sami.cli.{module}", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith(f"{app}: ") and "powered by Hydra" not in result.stdout, result.stdout[:500]
+    assert f"{app} --cfg job" in result.stdout and "== Config ==" in result.stdout

@@ -5,6 +5,7 @@ Tolerance (fp32 on both sides): matrices within rtol 1e-5 / atol 1e-4 nats (as t
 tests), both estimators within 1e-4 nats.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -262,3 +263,17 @@ def test_unreadable_or_ambiguous_records_are_one_sentence(tmp_path, content, mes
     (tmp_path / "r.jsonl").write_bytes(content)
     with pytest.raises(DataError, match=message):
         scoring.read_scoring_records(tmp_path / "r.jsonl")
+
+
+def test_a_tokenizer_beyond_the_models_vocabulary_is_one_sentence(scored_model, tmp_path):
+    """Another model's tokenizer makes ids the embedding has no row for: refused before any process
+    group starts, naming the tokenizer (it used to be an IndexError inside the first forward)."""
+    from megatron_sami.testing.tiny import make_tiny_tokenizer
+
+    _, ckpt, records, _ = scored_model
+    make_tiny_tokenizer(tmp_path / "big tokenizer", vocab_size=4000)
+    cfg = scoring.ScoreConfig(checkpoint=str(ckpt), records=str(records), output=str(tmp_path / "m.jsonl"),
+                              tokenizer=str(tmp_path / "big tokenizer"), template=sami_jobs.TEMPLATE)
+    with pytest.raises(DataError, match=r"big tokenizer produces token id \d+, beyond .*vocabulary of"):
+        scoring.read_scoring_data(cfg, world_size=1)
+    scoring.read_scoring_data(dataclasses.replace(cfg, tokenizer=None), world_size=1)  # its own tokenizer fits

@@ -224,6 +224,23 @@ def tokenize_records(records: list[SamiRecord], tokenizer, template: PromptTempl
     return tokenized, dropped
 
 
+def check_vocabulary(tokenized: list[dict[str, torch.Tensor]], vocab_size: int, tokenizer_source: str,
+                     model_name: str) -> None:
+    """Refuse token ids the model has no embedding row for (a tokenizer of another model).
+
+    Args:
+        tokenized: items of :func:`tokenize_record` (``tokens`` and ``labels``, int64 [rows, T]).
+        vocab_size: the model's vocabulary size (HF ``vocab_size``, before Megatron's padding).
+
+    Raises:
+        DataError: an id is >= ``vocab_size``; the sentence names the tokenizer and the fix.
+    """
+    largest = max((int(torch.maximum(item["tokens"].max(), item["labels"].max())) for item in tokenized), default=-1)
+    if largest >= vocab_size:
+        raise DataError(f"the tokenizer {tokenizer_source} produces token id {largest}, beyond {model_name}'s "
+                        f"vocabulary of {vocab_size}; use the tokenizer of the model being trained or scored "
+                        f"(data.tokenizer / tokenizer, or leave it unset to use the checkpoint's own).")
+
 def used_lengths(mask_NT: torch.Tensor) -> torch.Tensor:
     """[N] tokens each of the [N, T] sequences really uses (in ``mask_NT``'s dtype): the
     response, which the mask marks, ends it."""

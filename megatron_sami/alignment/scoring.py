@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_sami.alignment.data import (
     PromptTemplate,
     SamiRecord,
+    check_vocabulary,
     collate,
     parse_record,
     tokenize_record,
@@ -273,6 +274,7 @@ def read_scoring_data(cfg: ScoreConfig, world_size: int | None = None) -> Scorin
         kept.append(record)
     if not kept:
         raise DataError(f"no record of {cfg.records} fits seq_length={seq_length}; raise seq_length.")
+    check_vocabulary(tokenized, model.vocab_size, cfg.tokenizer or str(Path(cfg.checkpoint) / HF_DIR), model.name)
     return ScoringData(model, kept, tokenized, records[0].num_constitutions, empty, len(records) - len(kept))
 
 

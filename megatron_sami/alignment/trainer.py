@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron_sami.alignment.data import (
     DataError,
     PromptTemplate,
+    check_vocabulary,
     collate,
     microbatch_lengths,
     read_records,
@@ -514,6 +515,8 @@ def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolv
     stop.install()
     num_microbatches = cfg.microbatches_per_rank(info.data_parallel_size)
     tokenized, num_constitutions = read_training_data(cfg)  # refused input leaves no run directory
+    check_vocabulary(tokenized, model_config.vocab_size, cfg.data.tokenizer or str(Path(cfg.checkpoint) / "hf"),
+                     model_config.name)
     lock, resume = claim_run_dir(cfg, info, resolved_yaml)
     step, position = (resume.state.step, resume.state.position) if resume.state else (0, 0)
     if info.is_rank0:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from megatron_sami.cli.common import run_main
 from megatron_sami.errors import ConfigError, SamiError
+from megatron_sami.io import check_output_apart
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,6 +138,7 @@ def _evaluate_models(args) -> list[dict]:
     models = _models(args.model)
     if not models or args.out is None:
         raise SamiError("give --run-dir RUN, or one or more --model LABEL=HF_DIR and --out OUT.")
+    check_output_apart(args.out, {f"model {label}": path for label, path in models})
     cset = load_constitution_set(args.constitutions)
     return mi.evaluate_models(models, cset=cset, out_dir=args.out, seed=args.seed, **_inputs(args))
 
@@ -158,6 +160,9 @@ def _winrate_pair(args, judge) -> tuple[list[dict], Path]:
 
     if args.out is None:
         raise SamiError("give --out OUT for the responses, judgements and plot.")
+    inputs = {"--test": args.test, "--baseline-model": args.baseline_model, "--test-records": args.test_records,
+              "--baseline-records": args.baseline_records}
+    check_output_apart(args.out, {label: path for label, path in inputs.items() if path is not None})
     cset = load_constitution_set(args.constitutions)
     if args.test_records or args.baseline_records:
         if not (args.test_records and args.baseline_records):
