@@ -6,8 +6,8 @@ former in-driver transformers path (``evaluation.scorer=hf``), side by side on t
 
 Each round times, on the same records and model (fp32 on CPU):
 - ``hf``: :func:`megatron_sami.evaluation.mi.hf_matrices` in this process, model load included
-  (what the driver did before MI scoring moved to sami-score; this process has already imported
-  torch and transformers, as the driver had);
+  (what the driver did before MI scoring moved to sami-score; an untimed warm-up has already
+  imported and loaded once, as a driver that generated before scoring had);
 - ``sami-score shared``: ``python -m megatron_sami.cli.score`` as a new process (import, runtime,
   checkpoint load and scoring), each constitution's prompt once per query (the default);
 - ``sami-score pairs``: the same with ``share_prompts=false`` (every (prompt, response) pair).
@@ -89,6 +89,7 @@ def main() -> None:
     make_records(records_file, args.queries, args.constitutions, args.response_words)
     records = read_records(records_file)
     print(f"model {args.model}, {args.queries} queries x C={args.constitutions}, {args.rounds} rounds")
+    time_hf(model_dir, records[:1])  # warm-up, not timed: this process's first transformers load and imports
     times: dict[str, list[float]] = {"hf": [], "sami-score shared": [], "sami-score pairs": []}
     for round_index in range(args.rounds):
         hf_s, hf = time_hf(model_dir, records)
