@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Acceptance check of the GPU lane on one CUDA GPU: one command, one PASS/FAIL/SKIP line per check.
 #
-#   scripts/gpu_check.sh
+#   scripts/gpu_check.sh              # one GPU, PyTorch image without megatron-core or TE (< 10 min)
+#   scripts/gpu_check.sh --te-node    # a node with 2+ GPUs in a Transformer Engine container (NGC)
 #
 # Needs a Python 3.12 with a CUDA build of PyTorch (python3, or $PYTHON). What that Python lacks
 # (megatron-core, Hydra) is unpacked from wheelhouse/ beside the checkout ($SAMI_WHEELHOUSE; made
@@ -22,14 +23,35 @@
 #   te-keys          the real Transformer Engine spec's checkpoint keys equal the local spec's (needs TE)
 #   cpu-lane-*       the lane's CPU checks on this machine (key parity with stand-ins, fork server
 #                    without CUDA, a broken TE named, checkpoints across lanes, damaged files)
+#
+# --te-node (tests/test_te_node.py and the TE key check): a checkpoint converted on the CPU trains
+# with the TE spec and FP8 (hybrid, tensorwise scaling) over NCCL, and exports on the CPU to an HF
+# model transformers runs:
+#   te-fp8-tp2, te-fp8-pp2   tiny Llama at TP=2 and at PP=2
+#   te-fp8-ep2, te-fp8-moe-tp2-sp   tiny Mixtral at EP=2 (alltoall dispatcher, grouped GEMM) and TP=2 with SP
+#   te-keys          the real TE spec's checkpoint keys equal the local spec's
 set -uo pipefail
+
+MODE=one-gpu
+case "${1:-}" in
+  "") ;;
+  --te-node) MODE=te-node ;;
+  *) echo "usage: scripts/gpu_check.sh [--te-node]" >&2; exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
 WHEELHOUSE="${SAMI_WHEELHOUSE:-$ROOT/wheelhouse}"
 LOGS="${SAMI_GPU_CHECK_LOGS:-/tmp/sami-gpu-check}"
 SITE="$LOGS/site-packages"
-TEST_TIME_LIMIT_S="${SAMI_GPU_CHECK_TIME_LIMIT_S:-540}"
+if [ "$MODE" = te-node ]; then
+  TESTS=(tests/test_te_node.py tests/test_gpu.py -k "te_node or transformer_engine_spec")
+  DEFAULT_LIMIT_S=1800
+else
+  TESTS=(tests/test_gpu.py tests/test_te_lane.py)
+  DEFAULT_LIMIT_S=540
+fi
+TEST_TIME_LIMIT_S="${SAMI_GPU_CHECK_TIME_LIMIT_S:-$DEFAULT_LIMIT_S}"
 mkdir -p "$LOGS"
 
 report() {  # report NAME PASS|FAIL|SKIP [DETAIL]
@@ -73,7 +95,7 @@ report environment PASS "$(tail -n 1 "$LOGS/device.log")"
 cd "$ROOT" || exit 1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-timeout "$TEST_TIME_LIMIT_S" "$CHECK_PY" -m pytest tests/test_gpu.py tests/test_te_lane.py -p no:cacheprovider -q \
+timeout "$TEST_TIME_LIMIT_S" "$CHECK_PY" -m pytest "${TESTS[@]}" -p no:cacheprovider -q \
   --junitxml "$LOGS/junit.xml" >"$LOGS/pytest.log" 2>&1
 status=$?
 if [ "$status" -eq 124 ]; then
@@ -82,11 +104,18 @@ fi
 
 # One line per check from pytest's JUnit report: a check passes when all its tests passed, is
 # skipped when all were skipped, and fails otherwise (also when it never ran).
-"$CHECK_PY" - "$LOGS/junit.xml" "$LOGS/pytest.log" <<'EOF'
+"$CHECK_PY" - "$LOGS/junit.xml" "$LOGS/pytest.log" "$MODE" <<'EOF'
 import re
 import sys
 import xml.etree.ElementTree as ElementTree
 
+TE_NODE_CHECKS = [
+    ("te-fp8-tp2", r"test_fp8_training_with_the_te_spec.*\[tp2\]"),
+    ("te-fp8-pp2", r"test_fp8_training_with_the_te_spec.*\[pp2\]"),
+    ("te-fp8-ep2", r"test_fp8_training_with_the_te_spec.*\[ep2\]"),
+    ("te-fp8-moe-tp2-sp", r"test_fp8_training_with_the_te_spec.*\[moe-tp2-sp\]"),
+    ("te-keys", r"test_transformer_engine_spec_writes"),
+]
 CHECKS = [
     ("forward-backward", r"test_gpu\.py::test_bf16_forward_backward"),
     ("numerics-pairs", r"test_cxc_matrices_on_cuda_equal_transformers\[pairs\]"),
@@ -103,7 +132,9 @@ CHECKS = [
     ("cpu-lane-fork", r"test_te_lane\.py::test_the_harness_fork_server"),
     ("cpu-lane-verify", r"test_te_lane\.py::test_verify"),
 ]
-junit, log = sys.argv[1], sys.argv[2]
+junit, log, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+if mode == "te-node":
+    CHECKS = TE_NODE_CHECKS
 outcomes = {}
 try:
     for case in ElementTree.parse(junit).iter("testcase"):

@@ -244,3 +244,22 @@ def test_verify_refuses_an_hf_model_of_another_architecture_in_one_sentence(tmp_
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: the HF model at"), errors
+
+
+def test_every_check_of_the_gpu_acceptance_script_names_existing_tests():
+    """scripts/gpu_check.sh maps test names to its PASS/FAIL lines by pattern: a renamed test would
+    turn its check into "no result" on the one GPU run a task may get, so each pattern must match."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / "scripts" / "gpu_check.sh").read_text()
+    patterns = re.findall(r'^\s+\("([\w-]+)", r"(.+)"\),$', script, flags=re.M)
+    assert len(patterns) >= 15, patterns
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                "tests/test_gpu.py", "tests/test_te_lane.py", "tests/test_te_node.py"],
+                               capture_output=True, text=True, timeout=300, cwd=root)
+    assert collected.returncode == 0, collected.stdout[-3000:]
+    # The script matches "<file>.py::<name>" (JUnit's class name + test name).
+    node_ids = [line.split("/")[-1] for line in collected.stdout.splitlines() if "::" in line]
+    for check, pattern in patterns:
+        assert any(re.search(pattern, node_id) for node_id in node_ids), (check, pattern)
