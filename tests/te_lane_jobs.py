@@ -264,3 +264,29 @@ def cuda_runtime_calls() -> list[str]:
     import sitecustomize
 
     return list(getattr(sitecustomize, "CALLS", ["the recorder was not loaded"]))
+
+
+def resave_on_the_te_lane(ckpt_dir: str, out_dir: str) -> None:
+    """Copy a checkpoint directory with its weights loaded into the TE lane's model (stand-ins) and
+    saved from it: the weights as before, each TE module's ``_extra_state`` beside them."""
+    import shutil
+
+    from megatron_sami.models.checkpoint_dir import (
+        HF_DIR,
+        MODEL_FILE,
+        RECORD_FILE,
+        WEIGHTS_DIR,
+        read_checkpoint_model,
+    )
+
+    source, out = Path(ckpt_dir), Path(out_dir)
+    config, _ = read_checkpoint_model(source)
+    with megatron_runtime(ParallelConfig(), model=config), te_stand_ins():
+        model = build_gpt_model(config, ParallelConfig(), PrecisionConfig(params_dtype="fp32"), 32,
+                                backend=Backend(use_te=True, on_gpu=False))
+        load_model(model, source / WEIGHTS_DIR)
+        out.mkdir(parents=True)
+        for name in (MODEL_FILE, RECORD_FILE):
+            shutil.copy(source / name, out / name)
+        shutil.copytree(source / HF_DIR, out / HF_DIR)
+        save_model(model, out / WEIGHTS_DIR)

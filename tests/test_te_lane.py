@@ -263,3 +263,28 @@ def test_every_check_of_the_gpu_acceptance_script_names_existing_tests():
     node_ids = [line.split("/")[-1] for line in collected.stdout.splitlines() if "::" in line]
     for check, pattern in patterns:
         assert any(re.search(pattern, node_id) for node_id in node_ids), (check, pattern)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["llama", "mixtral"])
+def test_a_checkpoint_written_by_the_te_lane_exports_to_the_source_weights(variant, tmp_path):
+    """The streaming export reads the weights and passes over the TE modules' ``_extra_state``
+    objects: a converted model saved again from the TE lane exports bit for bit to its HF source."""
+    import conversion_jobs
+    import torch
+
+    from megatron_sami.conversion.export import megatron_to_hf
+    from megatron_sami.conversion.hf_io import SafetensorsReader
+
+    hf_dir = conversion_jobs.make_hf_model(variant, tmp_path / "hf", seed=3)
+    (_,) = run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(tmp_path / "ckpt"), backend="gloo")
+    run_distributed(jobs.resave_on_the_te_lane, 1, str(tmp_path / "ckpt"), str(tmp_path / "te-ckpt"), backend="gloo")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(tmp_path / "te-ckpt" / "weights")).read_metadata().state_dict_metadata
+    assert any("_extra_state" in key for key in keys)  # ShardedObjects: "<key>/shard_<offsets>_<grid>"
+    megatron_to_hf(tmp_path / "te-ckpt", tmp_path / "exported")
+    source, exported = SafetensorsReader(hf_dir), SafetensorsReader(tmp_path / "exported")
+    assert sorted(source.keys()) == sorted(exported.keys())
+    for key in source.keys():
+        assert torch.equal(source.get(key), exported.get(key)), key
