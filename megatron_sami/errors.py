@@ -116,3 +116,9 @@ class BrokenDependencyError(EnvironmentSetupError, ImportError):
 
 class RunInUse(SamiError):
     """Another process holds the run directory's lock (:mod:`megatron_sami.runlock`)."""
+
+
+class DeviceBudgetError(SamiError):
+    """Raised when a process would materialise more model parameters than the per-process device
+    budget (``SAMI_DEVICE_BUDGET_PARAMS``, :mod:`megatron_sami.device_budget`) allows; the message
+    names the process's parameter count, the budget and the layout change that fits."""

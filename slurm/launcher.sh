@@ -3,8 +3,9 @@
 #
 # The batch script runs sami-iterate (the driver) on the first node; the driver launches each
 # training phase and the MI scoring with `srun` over every node, one task per GPU (the runtime reads
-# SLURM_PROCID, SLURM_LOCALID and the node list; no torchrun needed), and runs conversion, export
-# and generation on the first node. Rerunning or requeueing the same job continues where it stopped
+# SLURM_PROCID, SLURM_LOCALID and the node list; no torchrun needed), generation with `srun` over
+# every node, one task (one engine) per node, and conversion and export on the first node.
+# Rerunning or requeueing the same job continues where it stopped
 # (state.json in the run directory). The srun options reach the driver as a list and every path
 # as a quoted Hydra value, so a run directory or model path may hold spaces, quotes, commas and
 # non-ASCII characters; each phase's ranks log to RUN/logs/<phase>-<job>.<attempt>-rank<N>.log.
@@ -84,7 +85,9 @@ sami_check_layout() {
   # (SAMI_GPU_MEMORY_GB, the recipe's settings), before any GPU time is spent.
   local check=("$SAMI_PYTHON" -m megatron_sami.cli.check_config "model=$SAMI_MODEL" "world_size=$SAMI_WORLD_SIZE"
     "parallel.tensor=$SAMI_TP" "parallel.pipeline=$SAMI_PP" "parallel.expert=$SAMI_EP"
-    "precision.params_dtype=${SAMI_PARAMS_DTYPE:-bf16}" "gpu_memory_gb=${SAMI_GPU_MEMORY_GB:-80}")
+    "gpu_memory_gb=${SAMI_GPU_MEMORY_GB:-80}")
+  # Unset: the recipe's dtype, which is what the run trains in.
+  [ -z "${SAMI_PARAMS_DTYPE:-}" ] || check+=("precision.params_dtype=$SAMI_PARAMS_DTYPE")
   if [ "${1:-iterate}" = iterate ]; then
     sami_iterate_extra
     [ -z "$SAMI_RECIPE" ] || check+=("iterate.recipe=$SAMI_RECIPE")

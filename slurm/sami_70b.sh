@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SAMI expert iteration for Llama 3 70B on 4 nodes x 8 GPUs: TP 8 x PP 4 (DP 1; more nodes add
-# DP). The recipe (RMSprop with activation recomputation, lr, steps, vLLM generation with TP 8)
+# DP). The recipe (RMSprop, no recomputation on 80 GB GPUs, lr, steps, vLLM generation with TP 8)
 # is configs/recipe/llama3-70b.yaml; this template holds the allocation and the layout.
 #   sbatch slurm/sami_70b.sh                     # defaults below
 #   SAMI_BASE_HF=/models/Meta-Llama-3-70B SAMI_RUN_DIR=/scratch/runs/70b sbatch --nodes=8 slurm/sami_70b.sh

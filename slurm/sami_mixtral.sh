@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SAMI expert iteration for Mixtral 8x7B on 4 nodes x 8 GPUs: PP 4 x EP 8 (experts split over
 # the 8 GPUs of a node; MoE under TP needs sequence parallelism). The recipe (summarization on
-# TL;DR, RMSprop with activation recomputation, lr, steps, vLLM generation with TP 8) is
+# TL;DR, RMSprop, no recomputation on 80 GB GPUs, lr, steps, vLLM generation with TP 8) is
 # configs/recipe/mixtral-8x7b.yaml; this template holds the allocation and the layout.
 #   sbatch slurm/sami_mixtral.sh
 #   SAMI_BASE_HF=/models/Mixtral-8x7B-v0.1 SAMI_PP=2 sbatch --nodes=2 slurm/sami_mixtral.sh

@@ -12,6 +12,17 @@ time split into data, forward-backward and optimizer. It writes ``scaling.csv``,
 ``throughput.png`` (tokens/s per GPU and in total) and ``efficiency.png`` (per-GPU throughput
 relative to the smallest node count). ``--dry-run`` prints the submissions; ``--collect-only``
 re-reads finished runs.
+
+The whole-iteration study (every phase, not only training) submits an expert-iteration template
+at each node count instead, with the rest of its settings (SAMI_BASE_HF, SAMI_ITERATE_ARGS, ...)
+taken from the environment, and compares the runs' phase splits (wall time and tokens/s of
+generate, filter, train, export, evaluate and score; megatron_sami/iteration/report.py):
+
+    SAMI_BASE_HF=/models/Llama-3-70B python slurm/scaling_study.py --whole-iteration \
+        --template slurm/sami_70b.sh --nodes 4 8 --out studies/70b-iterate
+
+It writes ``iteration_scaling.csv`` and ``iteration_scaling.png``; ``--run DIR`` adds a finished
+run directory (at another node count) without submitting it again.
 """
 
 from __future__ import annotations
@@ -34,9 +45,9 @@ COLUMNS = ("nodes", "gpus", "steps", "tokens_per_s", "tokens_per_s_per_gpu", "tf
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", required=True)
-    parser.add_argument("--model", required=True, help="catalogue name, e.g. llama3-8b")
-    parser.add_argument("--checkpoint", type=Path, required=True, help="converted checkpoint directory")
-    parser.add_argument("--records", type=Path, required=True, help="SAMI records JSONL")
+    parser.add_argument("--model", help="catalogue name, e.g. llama3-8b (training study)")
+    parser.add_argument("--checkpoint", type=Path, help="converted checkpoint directory (training study)")
+    parser.add_argument("--records", type=Path, help="SAMI records JSONL (training study)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="tasks per node; 0 means CPU (one task, no GPUs)")
     parser.add_argument("--tensor", type=int, default=1)
@@ -47,7 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sbatch-args", default="", help="extra sbatch options, e.g. '-p gpu -A proj'")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--collect-only", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--whole-iteration", action="store_true",
+                        help="time every phase of an expert-iteration template instead of training alone")
+    parser.add_argument("--template", type=Path, help="the sami_*.sh template of --whole-iteration")
+    parser.add_argument("--run", type=Path, action="append", default=[],
+                        help="a finished run directory to include in --whole-iteration (not submitted)")
+    args = parser.parse_args(argv)
+    if args.whole_iteration and args.template is None:
+        parser.error("--whole-iteration needs --template (e.g. slurm/sami_70b.sh)")
+    if not args.whole_iteration and None in (args.model, args.checkpoint, args.records):
+        parser.error("the training study needs --model, --checkpoint and --records")
+    return args
 
 
 def submission(args: argparse.Namespace, nodes: int) -> tuple[list[str], dict[str, str]]:
@@ -64,6 +85,43 @@ def submission(args: argparse.Namespace, nodes: int) -> tuple[list[str], dict[st
     if args.gpus_per_node == 0:
         env["SAMI_PARAMS_DTYPE"] = "fp32"
     return command, env
+
+
+def iteration_submission(args: argparse.Namespace, nodes: int) -> tuple[list[str], dict[str, str]]:
+    """The sbatch command and environment of the whole-iteration run at ``nodes`` nodes."""
+    command = ["sbatch", "--wait", "--parsable", f"--nodes={nodes}", f"--output={args.out / f'iterate-nodes-{nodes}.out'}",
+               *shlex.split(args.sbatch_args), str(args.template.resolve())]
+    return command, {"SAMI_ROOT": str(ROOT), "SAMI_RUN_DIR": str((args.out / f"iterate-nodes-{nodes}").resolve())}
+
+
+def whole_iteration(args: argparse.Namespace) -> int:
+    """Submit the template at each node count (unless --collect-only), then write the study."""
+    sys.path.insert(0, str(ROOT))
+    from megatron_sami.errors import SamiError
+    from megatron_sami.iteration.report import format_phase_split, write_iteration_scaling
+
+    for nodes in [] if args.collect_only else sorted(args.nodes):
+        command, env = iteration_submission(args, nodes)
+        if args.dry_run:
+            print(" ".join(f"{k}={v!r}" for k, v in env.items()), " ".join(command))
+            continue
+        print(f"[scaling] whole iteration, {nodes} node(s): submitting", flush=True)
+        result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(result.stderr, file=sys.stderr)
+            raise SystemExit(f"error: the {nodes}-node run failed; see {args.out / f'iterate-nodes-{nodes}.out'}.")
+    if args.dry_run:
+        return 0
+    runs = [args.out / f"iterate-nodes-{nodes}" for nodes in sorted(args.nodes)] + list(args.run)
+    try:
+        rows = write_iteration_scaling(runs, args.out)
+    except SamiError as err:
+        raise SystemExit(f"error: {err}") from None
+    for nodes in dict.fromkeys(row["nodes"] for row in rows):
+        print(f"[scaling] whole iteration, {nodes} node(s):")
+        print(format_phase_split([row for row in rows if row["nodes"] == nodes]))
+    print(f"[scaling] wrote {args.out / 'iteration_scaling.csv'}, {args.out / 'iteration_scaling.png'}")
+    return 0
 
 
 def summarize(nodes: int, gpus: int, rows: list[dict], warmup: int) -> dict:
@@ -148,6 +206,8 @@ def plot(results: list[dict], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.whole_iteration:
+        return whole_iteration(args)
     if not args.collect_only:
         for nodes in sorted(args.nodes):
             command, env = submission(args, nodes)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_sami.conversion import convert
+from megatron_sami.conversion import convert, export
+from megatron_sami.conversion.transforms import to_hf as to_hf_tensors
 from megatron_sami.conversion.verify import megatron_logits
 from megatron_sami.models import checkpoint_dir
 from megatron_sami.runtime.distributed import megatron_runtime
@@ -29,10 +30,39 @@ def to_megatron(hf_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1, d
         convert.hf_to_megatron(Path(hf_dir), Path(out_dir), parallel, dtype=dtype)
 
 
-def to_hf(ckpt_dir: str, out_dir: str, pipeline: int = 1, expert: int = 1, max_shard_bytes: int = 10**9) -> None:
-    parallel = ParallelConfig(pipeline=pipeline, expert=expert)
+def to_hf(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 10**9, dtype: str | None = None) -> None:
+    """The export (streaming, in this process: it needs no process group)."""
+    export.megatron_to_hf(Path(ckpt_dir), Path(out_dir), max_shard_bytes=max_shard_bytes, dtype=dtype)
+
+
+def in_model_export(ckpt_dir: str, out_dir: str, max_shard_bytes: int = 10**9, dtype: str | None = None) -> None:
+    """The export as it was before it streamed (issue 14), kept as the reference the streaming
+    export must equal: build the model at TP=1 in one process, load the checkpoint into it, and
+    write each parameter's HF tensors, cast to the output dtype, with ``write_sharded``."""
+    import torch.distributed as dist
+
+    from megatron_sami.conversion.hf_io import write_index, write_sharded
+    from megatron_sami.models.checkpoint import staged_output
+
+    ckpt, out, parallel = Path(ckpt_dir), Path(out_dir), ParallelConfig()
     with megatron_runtime(parallel):
-        convert.megatron_to_hf(Path(ckpt_dir), Path(out_dir), parallel, max_shard_bytes=max_shard_bytes)
+        _, conversion = checkpoint_dir.read_checkpoint_model(ckpt)
+        out_dtype_name = dtype or conversion.get("source_dtype", "bfloat16")
+        out_dtype = convert.dtype_named(out_dtype_name)
+        stored = conversion.get("params_dtype", "bf16")
+        load_dtype = stored if convert.PARAMS_DTYPE_OF.get(out_dtype) == stored else "fp32"
+        model, megatron_model = checkpoint_dir.load_checkpoint_model(ckpt, parallel, load_dtype)
+        tensors: dict[str, torch.Tensor] = {}
+        for local_name, param, rule in convert.local_rules(megatron_model, model):
+            if model.tie_word_embeddings and local_name == "output_layer.weight":
+                continue
+            for key, tensor in zip(rule.hf, to_hf_tensors(rule.transform, convert.shapes_of(model), param.detach()),
+                                   strict=True):
+                tensors[key] = tensor.to(out_dtype).clone()
+        with staged_output(out) as staging:
+            weight_map = write_sharded(tensors, staging, f"model-rank{dist.get_rank():04d}", max_shard_bytes)
+            write_index(staging, weight_map, sum(t.numel() * t.element_size() for t in tensors.values()))
+            export.write_hf_meta(staging, ckpt / checkpoint_dir.HF_DIR, out_dtype_name, conversion.get("source_dtype"))
 
 
 def logits_at(ckpt_dir: str, tokens_BT: torch.Tensor, tensor: int, pipeline: int, expert: int) -> torch.Tensor:
@@ -42,11 +72,12 @@ def logits_at(ckpt_dir: str, tokens_BT: torch.Tensor, tensor: int, pipeline: int
         return megatron_logits(megatron_model, tokens_BT, model.vocab_size)
 
 
-def resave_at(ckpt_dir: str, out_dir: str, tensor: int, pipeline: int) -> None:
+def resave_at(ckpt_dir: str, out_dir: str, tensor: int, pipeline: int, expert: int = 1,
+              params_dtype: str = "fp32") -> None:
     """Load a checkpoint at a layout and save it again from there (as training does)."""
-    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
+    parallel = ParallelConfig(tensor=tensor, pipeline=pipeline, expert=expert)
     with megatron_runtime(parallel):
-        _, megatron_model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32")
+        _, megatron_model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, params_dtype)
         checkpoint_dir.save_checkpoint_dir(megatron_model, Path(ckpt_dir), Path(out_dir))
 
 
@@ -60,7 +91,7 @@ def expect_conversion_error(kind: str, source: str, out_dir: str) -> str:
             if kind == "hf-to-megatron":
                 convert.hf_to_megatron(Path(source), Path(out_dir), parallel)
             else:
-                convert.megatron_to_hf(Path(source), Path(out_dir), parallel)
+                export.megatron_to_hf(Path(source), Path(out_dir))
         except SamiError as err:
             return str(err)
     raise AssertionError(f"{kind} {source} -> {out_dir} did not fail")
@@ -180,3 +211,55 @@ def save_in_two_shards(tensors: dict, directory: Path) -> dict[str, str]:
         save_file({key: tensors[key] for key in part}, str(directory / name))
         weight_map.update({key: name for key in part})
     return weight_map
+
+
+ARCHITECTURES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
+                 "MixtralConfig": "MixtralForCausalLM"}
+
+
+def hf_config_of(variant: str, num_layers: int = 2) -> dict:
+    """The config.json of a tiny variant, as a dict (no transformers needed)."""
+    config_class, extra = VARIANTS[variant]
+    return {"architectures": [ARCHITECTURES[config_class]], **COMMON, "num_hidden_layers": num_layers, **extra}
+
+
+def write_synthetic_checkpoint(directory: Path, variant: str, dtype: torch.dtype = torch.float32, seed: int = 0,
+                               drop: tuple[str, ...] = (), extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint directory (model.yaml, conversion.json, hf/, weights/) written in this process
+    without megatron-core: random HF tensors of a tiny variant, made into TP=1 Megatron tensors by
+    the key map and stacked per layer (and expert) under the names megatron-core saves, then saved
+    with torch DCP as one chunk each (without the keys ``drop``, with the tensors ``extra``).
+    Returns the HF tensors the export must give back."""
+    import json
+
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    from megatron_sami.conversion.hf_io import model_config_from_hf
+    from megatron_sami.conversion.table import expand_rules
+    from megatron_sami.conversion.transforms import to_megatron
+
+    hf_config = hf_config_of(variant)
+    model = model_config_from_hf(hf_config, variant)
+    generator = torch.Generator().manual_seed(seed)
+    hf_tensors, stacked = {}, {}
+    for rule in expand_rules(model):
+        sources = [torch.randn(export.hf_shape(key, model), generator=generator).to(dtype) for key in rule.hf]
+        hf_tensors.update(zip(rule.hf, sources, strict=True))
+        tensor = to_megatron(rule.transform, convert.shapes_of(model), *sources)
+        stripped, index = export.split_name(rule.megatron)
+        names = export.CHECKPOINT_NAMES.get(stripped, (stripped,))
+        key = names[-1] if model.is_moe and "pre_mlp" in stripped else names[0]  # as megatron-core names them
+        if not index:
+            stacked[key] = tensor
+            continue
+        leading = (model.num_layers, model.num_experts)[:len(index)]
+        stacked.setdefault(key, torch.zeros(*leading, *tensor.shape, dtype=dtype))[index] = tensor
+    stacked = {key: tensor for key, tensor in stacked.items() if key not in drop} | (extra or {})
+    directory.mkdir(parents=True)
+    (directory / "hf").mkdir()
+    (directory / "hf" / "config.json").write_text(json.dumps(hf_config))
+    checkpoint_dir.write_model_files(directory, model, {"source_dtype": str(dtype).removeprefix("torch.")})
+    dcp_save(stacked, storage_writer=FileSystemWriter(str(directory / "weights")), no_dist=True)
+    (directory / "weights" / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    return hf_tensors

@@ -35,10 +35,23 @@ def sample_tokens(vocab_size: int, batch: int = 2, seed: int = 7) -> torch.Tenso
     return torch.randint(0, vocab_size, (batch, SEQ_LENGTH), generator=torch.Generator().manual_seed(seed))
 
 
+def sum_sequence_parallel_grads(model) -> None:
+    """Sum the gradients of the weights marked ``sequence_parallel`` (norms, the MoE router) over
+    TP, as megatron-core's ``finalize_model_grads`` does in training: under sequence parallelism
+    each TP rank holds the gradient of its slice of the sequence only (collective over TP)."""
+    from megatron.core import parallel_state
+
+    for param in model.parameters():
+        if param.grad is not None and getattr(param, "sequence_parallel", False):
+            torch.distributed.all_reduce(param.grad, group=parallel_state.get_tensor_model_parallel_group())
+
+
 def counted_grads(model) -> list[torch.Tensor]:
-    """Each weight's gradient once: TP-replicated weights (norms) only from TP rank 0."""
+    """Each weight's gradient once: TP-replicated weights (norms) only from TP rank 0, summed
+    over TP first under sequence parallelism (:func:`sum_sequence_parallel_grads`)."""
     from megatron.core import parallel_state, tensor_parallel
 
+    sum_sequence_parallel_grads(model)
     return [p.grad for p in model.parameters() if p.grad is not None and (
         parallel_state.get_tensor_model_parallel_rank() == 0
         or tensor_parallel.param_is_not_tensor_parallel_duplicate(p))]

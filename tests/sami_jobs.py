@@ -23,8 +23,9 @@ CONSTITUTIONS = ["1. Be helpful.\n2. Be harmless.", "1. Be unhelpful.\n2. Be har
                  "1. Be helpful.\n2. Be harmful."]
 
 
-def make_tiny_sami_model(root: Path) -> tuple[Path, Path]:
-    """A tiny Llama with a real tokenizer, as an HF directory and converted: (hf_dir, ckpt_dir)."""
+def make_tiny_sami_model(root: Path, variant: str = "llama") -> tuple[Path, Path]:
+    """A tiny Llama (or another variant of ``megatron_sami.testing.tiny``) with a real tokenizer,
+    as an HF directory and converted: (hf_dir, ckpt_dir)."""
     import conversion_jobs
 
     from megatron_sami.testing.multiprocess import run_distributed
@@ -32,7 +33,7 @@ def make_tiny_sami_model(root: Path) -> tuple[Path, Path]:
 
     hf_dir = root / "hf"
     tokenizer = make_tiny_tokenizer(hf_dir)
-    conversion_jobs.make_hf_model("llama", hf_dir, seed=5, vocab_size=len(tokenizer))
+    conversion_jobs.make_hf_model(variant, hf_dir, seed=5, vocab_size=len(tokenizer))
     run_distributed(conversion_jobs.to_megatron, 1, str(hf_dir), str(root / "ckpt"))
     return hf_dir, root / "ckpt"
 
@@ -139,3 +140,46 @@ def loss_and_grad_norm(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_
             torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
             grads = [flat / info.data_parallel_size]
         return reduce_logs(logs)["loss"], model_parallel_norm(grads)
+
+
+def sequence_parallel_report(ckpt_dir: str, tokenizer_dir: str, num_queries: int, num_constitutions: int,
+                             tensor: int, sequence_parallel: bool, share: bool = False) -> dict:
+    """At TP=``tensor`` with sequence parallelism on or off, one microbatch of ``num_queries``
+    queries: the C x C matrices (forward only), then the loss and every weight's gradient of one
+    forward/backward, and the rows of logits each output-layer call made ("rows") against the
+    scored tokens ("scored").
+
+    Gradients by parameter name: a TP-replicated weight's (norms, the MoE router) whole, summed
+    over TP under SP as training does; a TP-split weight's as its L2 norm over the TP ranks (the
+    split layouts differ between TP sizes: SwiGLU's fc1 holds [gate; up] per rank).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_sami.alignment.shared_prompt import share_microbatches
+
+    from megatron_jobs import sum_sequence_parallel_grads
+
+    parallel = ParallelConfig(tensor=tensor, sequence_parallel=sequence_parallel)
+    with megatron_runtime(parallel):
+        config, model = checkpoint_dir.load_checkpoint_model(Path(ckpt_dir), parallel, "fp32", SEQ_LENGTH)
+        assert model.config.sequence_parallel == sequence_parallel
+        rows = []
+        model.output_layer.register_forward_hook(lambda module, args, out: rows.append(out[0].shape[:2].numel()))
+        micro = [collate(tokenized(tokenizer_dir, num_queries, num_constitutions))]
+        if share:
+            micro, _ = share_microbatches(micro, num_constitutions, tensor, each=True)
+        matrices = score_matrices(model, micro, num_constitutions, config.vocab_size, "mean")
+        model.train()
+        step = sami_forward_step(num_constitutions, SamiLossConfig(), config.vocab_size)
+        logs = forward_backward(model, step, iter(micro), 1, micro[0]["tokens"].shape[1], micro[0]["tokens"].shape[0])
+        sum_sequence_parallel_grads(model)
+        grads = {}
+        for name, param in model.named_parameters():
+            if getattr(param, "tensor_model_parallel", False):
+                square = param.grad.double().pow(2).sum()
+                torch.distributed.all_reduce(square, group=parallel_state.get_tensor_model_parallel_group())
+                grads[name] = square.sqrt()
+            else:
+                grads[name] = param.grad.clone()
+        return {"matrices": matrices, "loss": reduce_logs(logs)["loss"], "grads": grads, "rows": rows,
+                "scored": int(micro[0]["loss_mask"].sum())}

@@ -66,7 +66,7 @@ def test_padded_vocab_is_the_same_at_every_tp_size():
         ("llama3-8b", dict(expert=2), 2, "dense"),
         ("llama3-8b", dict(tensor=8), 12, "not divisible by TP x PP x CP"),
         ("mixtral-8x7b", dict(tensor=2, expert=4, sequence_parallel=True), 4, "EP x TP x PP"),
-        ("mixtral-8x7b", dict(tensor=2), 2, "set parallel.sequence_parallel=true"),
+        ("mixtral-8x7b", dict(tensor=2, sequence_parallel=False), 2, "set parallel.sequence_parallel=true"),
     ],
 )
 def test_bad_layouts_fail_with_a_sentence_naming_the_fix(model, layout, world, message):
@@ -96,6 +96,16 @@ def test_sequence_constraints_of_sequence_and_context_parallelism():
         ParallelConfig(context=2).validate(model, 2, seq_length=1022)
     with pytest.raises(LayoutError, match="needs parallel.tensor > 1"):
         ParallelConfig(sequence_parallel=True)
+
+
+def test_sequence_parallelism_is_on_by_default_wherever_tp_is_above_one():
+    """Issue 15 item 10 (off everywhere before): the SAMI step keeps its response-only output layer
+    under SP, so nothing is lost by turning it on; an explicit false still wins."""
+    assert ParallelConfig().sequence_parallel is False
+    assert ParallelConfig(pipeline=4, expert=8).sequence_parallel is False
+    assert ParallelConfig(tensor=8, pipeline=4).sequence_parallel is True
+    assert ParallelConfig(tensor=2, sequence_parallel=False).sequence_parallel is False
+    assert ParallelConfig(tensor=2).validate(load_model_config("tiny-mixtral"), 2) == 1  # MoE under TP needs SP
 
 
 def test_precision_values_are_checked():

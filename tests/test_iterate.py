@@ -61,6 +61,10 @@ def test_two_iterations_complete_with_everything_in_one_run_directory(finished_r
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     state = json.loads((finished_run / "state.json").read_text())["phases"]
     assert state["iter2/generate"]["model"] == str(finished_run / "iter1" / "hf")
+    # generation ran as its own process (one local node without srun), which recorded the node of each shard
+    assert state["iter1/generate"]["shards"] == 4 and sum(state["iter1/generate"]["written_by"].values()) == 4
+    assert (finished_run / "iter1" / "generate-job.json").is_file()
+    assert sum(state["iter0/evaluate"]["written_by"].values()) == 3
     assert state["iter2/train"]["trained_from"] == state["iter1/train"]["trained_from"] == \
         str(finished_run / "base" / "megatron")
     records = read_jsonl(finished_run / "iter1" / "records.jsonl")
@@ -70,7 +74,7 @@ def test_two_iterations_complete_with_everything_in_one_run_directory(finished_r
 def test_rerunning_a_finished_run_does_no_work(tiny, finished_run):
     before = (finished_run / "state.json").read_text()
     result = run(iterate_command(tiny, finished_run))
-    assert result.stderr.count("already complete") == 13
+    assert result.stderr.count("already complete") == 15  # 13 phases + one cleanup per iteration
     assert "runtime:" not in result.stderr  # no conversion, training or export was launched
     assert (finished_run / "state.json").read_text() == before
 
@@ -88,7 +92,7 @@ def test_rerunning_with_changed_settings_is_refused_and_names_them(tiny, finishe
 def test_restating_a_recipe_value_is_no_change(tiny, finished_run):
     """tiny-llama's lr is 1e-3: the same value on the command line resolves to the same config."""
     result = run(iterate_command(tiny, finished_run, "train.optimizer.lr=1e-3"))
-    assert result.stderr.count("already complete") == 13
+    assert result.stderr.count("already complete") == 15  # 13 phases + one cleanup per iteration
 
 
 def wait_for(path_glob: Path, process, timeout=600):
@@ -230,3 +234,34 @@ def test_iterate_runs_the_winrate_phase_when_a_judge_is_configured(tiny, tmp_pat
     assert overall["mean"] == sum(not r["test_first"] for r in rows) / 6
     assert "iter1/winrate" in json.loads((run_dir / "state.json").read_text())["phases"]
     assert (run_dir / "winrate.png").stat().st_size > 0
+
+
+def test_a_finished_iteration_keeps_only_final_weights_that_export_scoring_and_training_read(tiny, finished_run,
+                                                                                             tmp_path, capsys):
+    """Issue 15 item 10: iteration t's other checkpoints and its optimizer state are removed once its
+    training is recorded; export and MI scoring (after the cleanup) read the final weights, and a
+    new sami-train starts from them as iteration t+1 does with train_from=previous."""
+    from megatron_sami.iteration.report import report
+
+    state = json.loads((finished_run / "state.json").read_text())["phases"]
+    names = list(state)
+    for t in (1, 2):
+        checkpoints = finished_run / f"iter{t}" / "train" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step_000002"]
+        assert sorted(p.name for p in (checkpoints / "step_000002").iterdir()) == \
+            ["conversion.json", "hf", "model.yaml", "trainer_state", "weights"]
+        assert state[f"iter{t}/cleanup"]["removed"] == ["step_000001", "step_000002/optimizer"]
+        assert names.index(f"iter{t}/train") < names.index(f"iter{t}/cleanup") < names.index(f"iter{t}/export")
+        # Issue 14 item 4: each phase's wall time, node count and tokens; the launched scoring's seconds.
+        assert state[f"iter{t}/train"]["tokens"]["trained"] > 0 and state[f"iter{t}/train"]["nodes"] == 1
+        assert state[f"iter{t}/generate"]["tokens"]["generated"] > 0
+        assert 0 < state[f"iter{t}/evaluate"]["launched_seconds"]["score"] < state[f"iter{t}/evaluate"]["seconds"]
+    pruned = finished_run / "iter1" / "train" / "checkpoints" / "step_000002"
+    run([sys.executable, "-m", "megatron_sami.cli.train", f"checkpoint={pruned}", "template=dialogue",
+         f"data.records={finished_run / 'iter2' / 'records.jsonl'}", f"run_dir={tmp_path / 'next'}", "steps=1",
+         "queries_per_step=2", "data.seq_length=256", "optimizer.use_distributed_optimizer=false",
+         "precision.params_dtype=fp32"])
+    assert (tmp_path / "next" / "checkpoints" / "step_000001" / "optimizer").is_dir()
+    assert report(finished_run) == 0
+    printed = capsys.readouterr().out
+    assert "Where the time went" in printed and "\ntrain " in printed and "\nscore " in printed

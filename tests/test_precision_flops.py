@@ -12,13 +12,19 @@ import torch
 import megatron_sami.alignment.trainer as trainer
 import megatron_sami.models.build as build
 import megatron_sami.models.config as config_module
-from megatron_sami.alignment.flops import RowLengths, per_token_flops, step_flops, training_flops
+from megatron_sami.alignment.flops import (
+    RowLengths,
+    microbatch_rows,
+    per_token_flops,
+    step_flops,
+    training_flops,
+)
 from megatron_sami.alignment.shared_prompt import share_microbatches
 from megatron_sami.errors import ConfigError
 from megatron_sami.models.catalogue import load_model_config
 from megatron_sami.models.config import PrecisionConfig, fp8_refusal
 from megatron_sami.runtime.layout import ParallelConfig
-from megatron_sami.training.engine import StepResult, ddp_config, peak_tflops
+from megatron_sami.training.engine import OptimizerSettings, StepResult, ddp_config, peak_tflops
 
 CPU = build.Backend(use_te=False, on_gpu=False)
 
@@ -134,14 +140,16 @@ def test_gradient_accumulation_fusion_on_the_te_lane(monkeypatch, use_te, apex, 
 
 
 def test_ddp_overlaps_the_gradient_reduction_on_gpus(monkeypatch):
-    assert not ddp_config(True).overlap_grad_reduce  # CPU / gloo: one reduction after backward
+    """Defaults: both overlaps on with CUDA (the parameter gather with the distributed optimizer
+    only), off on CPU (gloo); tests/test_engine_config.py has the whole table."""
+    assert not ddp_config(OptimizerSettings()).overlap_grad_reduce  # CPU / gloo: one reduction after backward
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    on_gpu = ddp_config(True)
-    assert on_gpu.overlap_grad_reduce and not on_gpu.overlap_param_gather and on_gpu.grad_reduce_in_fp32
-    both = ddp_config(True, overlap_grad_reduce=False, overlap_param_gather=True)
-    assert not both.overlap_grad_reduce and both.overlap_param_gather
-    with pytest.raises(ConfigError, match="needs the distributed optimizer"):
-        ddp_config(False, overlap_param_gather=True)
+    on_gpu = ddp_config(OptimizerSettings())
+    assert on_gpu.overlap_grad_reduce and on_gpu.overlap_param_gather and on_gpu.grad_reduce_in_fp32
+    reduce_only = ddp_config(OptimizerSettings(overlap_param_gather=False))
+    assert reduce_only.overlap_grad_reduce and not reduce_only.overlap_param_gather
+    with pytest.raises(ConfigError, match="needs optimizer.use_distributed_optimizer=true"):
+        OptimizerSettings(use_distributed_optimizer=False, overlap_param_gather=True)
 
 
 # --- item 6: FLOPs and peaks --------------------------------------------------------------------
@@ -219,8 +227,6 @@ def test_padding_and_unscored_logits_are_not_counted_and_shared_prompts_count_th
     saved_pairs = sum(p * p / 2 * (len(responses) - 1) for p in prompts)
     assert math.isclose(step_flops(model, [micro]) - step_flops(model, [shared]),
                         saved_tokens * per_token + saved_pairs * attention_per_pair, rel_tol=1e-12)
-    # Under sequence parallelism the output layer runs at every real token.
-    assert step_flops(model, [micro], logits_everywhere=True) == training_flops(model, rows, sum(r.tokens for r in rows))
 
 
 @pytest.mark.parametrize(
@@ -250,3 +256,24 @@ def test_metrics_row_reports_model_flops_of_real_tokens(monkeypatch):
     expected = step_flops(model, micro) / 2.0 / 2 / 1e12
     assert math.isclose(row["tflops_per_gpu"], expected, rel_tol=1e-12)
     assert math.isclose(row["mfu"], expected / 989.4, rel_tol=1e-12)
+
+
+def test_flops_count_logits_at_scored_tokens_under_sequence_parallelism_too(monkeypatch):
+    """The SAMI step selects the scored rows under SP as well (issue 15 item 10); the count used
+    to put the output layer at every real token there."""
+    monkeypatch.setattr(trainer, "sum_over_data_parallel", lambda values: values)
+    model = load_model_config("llama3-8b")
+    micro = [pairs([110, 112], [201, 81], 320)]
+    scored = int(micro[0]["loss_mask"].sum())
+    assert step_flops(model, micro) == training_flops(model, microbatch_rows(micro[0]), scored)
+    logs = dict.fromkeys(trainer.METRIC_KEYS, 0.0)
+    rows = {}
+    for sp in (False, True):
+        run = SimpleNamespace(model_config=model, info=SimpleNamespace(launch=SimpleNamespace(world_size=2)),
+                              cfg=SimpleNamespace(parallel=ParallelConfig(tensor=2, sequence_parallel=sp)),
+                              peak_tflops=989.4, step=1)
+        rows[sp] = trainer.metrics_row(run, StepResult(loss=0.0, grad_norm=1.0, logs=logs), 1e-6, micro, 320,
+                                       data_s=0.0, step_time_s=2.0)
+    expected = step_flops(model, micro) / 2.0 / 2 / 1e12
+    assert math.isclose(rows[True]["tflops_per_gpu"], expected, rel_tol=1e-12)
+    assert math.isclose(rows[False]["tflops_per_gpu"], expected, rel_tol=1e-12)

@@ -240,3 +240,150 @@ def test_vllm_gets_the_memory_share_and_length_and_bf16_for_auto(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", fake)
     VLLMBackend("/models/x", GenerationConfig(backend="hf", gpu_memory_utilization=0.5, max_model_len=2048))
     assert (seen["gpu_memory_utilization"], seen["max_model_len"], seen["dtype"]) == (0.5, 2048, "bfloat16")
+
+
+# -- generation spread over nodes -----------------------------------------------------------------
+
+def generation_job(root, model, backend="hf", temperature=1.0):
+    """A job of two tasks (sampled training records, every-sign-pattern evaluation records) on
+    5 queries in shards of 2: 3 shards per task, so 2 nodes get unequal shares."""
+    from megatron_sami.alignment.data import PromptTemplate
+    from megatron_sami.rollout.generation import GenerationConfig, GenerationJob, GenerationTask
+
+    queries = root / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"id": f"q{i}", "text": f"How do I fix thing {i}?"}) + "\n"
+                               for i in range(5)))
+    generation = GenerationConfig(backend=backend, max_new_tokens=3, temperature=temperature, shard_size=2,
+                                  batch_size=3, seed=11, stop=[])  # stop strings: slow in transformers
+    tasks = [GenerationTask(str(root / "generated"), SamplingConfig(num_constitutions=2), "sample", 5),
+             GenerationTask(str(root / "eval"), SamplingConfig(num_constitutions=4, principles_per_query=2),
+                            "evaluation", 6)]
+    return GenerationJob(str(model), str(queries), "dialogue", PromptTemplate(), generation, tasks)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    from megatron_sami.testing.tiny import make_tiny_hf_model, make_tiny_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-hf") / "hf"
+    tokenizer = make_tiny_tokenizer(directory, vocab_size=300)
+    make_tiny_hf_model("llama", directory, num_layers=1, vocab_size=len(tokenizer), max_position_embeddings=256)
+    return directory
+
+
+def shard_bytes(root):
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("shard-*.jsonl"))}
+
+
+def test_records_are_byte_identical_at_any_node_count(tmp_path, tiny_hf, monkeypatch):
+    """Node k of N writes shards k, k + N, ...; sampled (temperature 1) records at N = 2 and 3 are
+    the bytes N = 1 writes, each shard written once, by its node (written_by/)."""
+    from megatron_sami.rollout import generation
+    from megatron_sami.rollout.generation import assigned_shards, run_job, shard_writers, write_job
+
+    assert [assigned_shards(4, node, 3) for node in range(3)] == [[0, 3], [1], [2]]
+    # One model for every node's engine (a shard's seeds are its own, whichever engine runs it).
+    engine = generation.make_backend(tiny_hf, generation_job(tmp_path, tiny_hf).generation)
+    monkeypatch.setattr(generation, "make_backend", lambda model, cfg: engine)
+    reference = None
+    for num_nodes in (1, 2, 3):
+        root = tmp_path / f"nodes{num_nodes}"
+        root.mkdir()
+        job = generation_job(root, tiny_hf)
+        write_job(root / "job.json", job)
+        for node in range(num_nodes):
+            assert job.missing_shards()  # the last node's share is still missing
+            run_job(job, node, num_nodes)
+        assert job.missing_shards() == [] and len(job.shards()) == 6
+        written = {str(shard.relative_to(root)): json.loads((shard.parent / "written_by" / f"{shard.stem}.json")
+                                                            .read_text())["node_index"] for shard in job.shards()}
+        assert written == {f"{task}/shard-{i:05d}.jsonl": i % num_nodes for task in ("generated", "eval")
+                           for i in range(3)}
+        assert sum(shard_writers(job.shards()).values()) == 6
+        records = shard_bytes(root)
+        reference = reference or records
+        assert records == reference
+
+
+def test_the_generate_command_runs_its_share_and_stops_at_a_shard_boundary(tmp_path, monkeypatch):
+    """Node index from srun's task id; a stop signal before a shard exits 75 with the written
+    shards kept; a rerun writes only what is missing; a launch with another task count is refused."""
+    import signal
+
+    from megatron_sami.cli import generate
+    from megatron_sami.rollout import generation
+    from megatron_sami.rollout.generation import Completion, write_job
+
+    shards_generated = []
+
+    class Echo:
+        def __init__(self):
+            self.calls = 0
+
+        def generate(self, prompts):
+            self.calls += 1
+            shards_generated.append(len(prompts))
+            if len(shards_generated) == 1:  # a signal arrives while the first shard is generated
+                signal.raise_signal(signal.SIGUSR1)
+            return [Completion(f"echo {len(p)}", True, 2) for p in prompts]
+
+    built = []
+    monkeypatch.setattr(generation, "make_backend", lambda model, cfg: built.append(Echo()) or built[-1])
+    job = generation_job(tmp_path, tmp_path / "no-model", temperature=0.0)
+    write_job(tmp_path / "job.json", job)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            generate.main([str(tmp_path / "job.json"), "--num-nodes", "2"])
+        assert stopped.value.code == 75
+        written = sorted(p.name for p in (tmp_path / "generated").glob("shard-*.jsonl"))
+        assert written == ["shard-00001.jsonl"]  # node 1's share of the first task
+        assert generate.main([str(tmp_path / "job.json"), "--num-nodes", "2"]) == 0
+        assert [p.name for p in job.missing_shards()] == ["shard-00000.jsonl", "shard-00002.jsonl"] * 2
+        assert generate.main([str(tmp_path / "job.json"), "--num-nodes", "2", "--node", "0"]) == 0
+        assert job.missing_shards() == [] and built[-1].calls == 4 and len(shards_generated) == 6
+        monkeypatch.setenv("SLURM_PROCID", "0")  # the first task prints the error (the others wait for srun)
+        with pytest.raises(SystemExit) as refused:
+            generate.main([str(tmp_path / "job.json"), "--num-nodes", "3"])
+        assert refused.value.code == 2
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def test_vllm_gets_tensor_parallel_and_one_engine_per_node_launch(monkeypatch):
+    """The engine spans generation.tensor_parallel GPUs and is refused where the node's process
+    sees fewer; the driver launches generation with one srun task per node holding the CPUs of
+    the node's GPU tasks (one local process without srun)."""
+    from megatron_sami.errors import EnvironmentSetupError
+    from megatron_sami.iteration.driver import LauncherConfig
+    from megatron_sami.rollout.generation import (
+        GenerationConfig,
+        check_engine_devices,
+        vllm_engine_args,
+        vllm_sampling_args,
+    )
+
+    cfg = GenerationConfig(backend="vllm", tensor_parallel=8, temperature=0.7, seed=3, max_new_tokens=350)
+    assert vllm_engine_args("/m", cfg) == {"model": "/m", "tensor_parallel_size": 8, "dtype": "bfloat16", "seed": 3,
+                                           "gpu_memory_utilization": 0.9, "max_model_len": None}
+    assert vllm_sampling_args(cfg)["seed"] == 3 and vllm_sampling_args(cfg)["max_tokens"] == 350
+    check_engine_devices(cfg, 8)
+    with pytest.raises(EnvironmentSetupError, match="sees 4 GPU"):
+        check_engine_devices(cfg, 4)
+    check_engine_devices(GenerationConfig(backend="hf"), 0)
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    launcher = LauncherConfig(prefix=["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
+                                      "--cpus-per-task=12"], python="python3", log_dir="/run/logs")
+    assert launcher.num_nodes() == 4
+    assert launcher.node_command("megatron_sami.cli.generate", ["job.json"], "iter1/generate") == [
+        "srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1", "--cpus-per-task=12",
+        "--ntasks-per-node=1", "--ntasks=4", "--cpus-per-task=96",
+        "--output=/run/logs/iter1-generate-%j.0-rank%t.log", "--open-mode=append",
+        "python3", "-m", "megatron_sami.cli.generate", "job.json"]
+    local = LauncherConfig(nproc_per_node=8)
+    assert local.num_nodes() == 1
+    assert local.node_command("m", ["a"], "p")[1:] == ["-m", "m", "a"]

@@ -17,8 +17,8 @@ halving), and a shared-prompt row (:mod:`megatron_sami.alignment.shared_prompt`)
 and responses R_j has P^2 / 2 + sum_j (R_j P + R_j^2 / 2): each response block sees the prompt
 and itself only.
 The output layer, ``2 h V`` (padded vocabulary: the GEMM's rows), runs where the step computes
-logits: at the scored positions (:func:`megatron_sami.alignment.step.token_nll` selects them),
-at every real token under sequence parallelism.
+logits: at the scored positions only (:func:`megatron_sami.alignment.step.token_nll` selects them,
+with or without sequence parallelism).
 
 On a batch of equal-length, unpadded sequences with logits at every token this is Megatron-LM's
 count exactly (tests/test_precision_flops.py checks it).
@@ -93,13 +93,7 @@ def microbatch_rows(micro: dict[str, torch.Tensor]) -> list[RowLengths]:
     return rows
 
 
-def step_flops(model: ModelConfig, micro: list[dict[str, torch.Tensor]], logits_everywhere: bool = False) -> float:
+def step_flops(model: ModelConfig, micro: list[dict[str, torch.Tensor]]) -> float:
     """Model FLOPs of one rank's microbatches of a SAMI step (sum over data-parallel ranks for the
-    step's total). ``logits_everywhere``: the output layer runs at every real token (sequence
-    parallelism), not only at the scored ones."""
-    total = 0.0
-    for batch in micro:
-        rows = microbatch_rows(batch)
-        logit_tokens = sum(row.tokens for row in rows) if logits_everywhere else int(batch["loss_mask"].sum())
-        total += training_flops(model, rows, logit_tokens)
-    return total
+    step's total), the output layer at the scored tokens (``loss_mask``) only."""
+    return sum(training_flops(model, microbatch_rows(batch), int(batch["loss_mask"].sum())) for batch in micro)

@@ -33,6 +33,7 @@ from megatron_sami.typed_config import flatten
 STATE_FORMAT = 2  # trainer_state/state.json; 1 was a pickle per rank (no longer loaded)
 CHANGEABLE_ON_RESUME = ("steps", "save_interval", "recompute_activations", "queries_per_microbatch",
                         "optimizer.lr", "optimizer.clip_grad", "optimizer.checkpoint_format",
+                        "optimizer.overlap_grad_reduce", "optimizer.overlap_param_gather",
                         "precision.peak_tflops")
 CHANGEABLE_SECTIONS = ("lr_schedule.", "parallel.")  # every key below these
 # Paths compare by what they point at: ./run and /abs/run are the same run.

@@ -53,9 +53,9 @@ def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.
 
     With ``scored_NT`` (the loss mask), the output layer and the cross-entropy run only at the
     scored positions (the responses; a SAMI sequence is mostly prompt) and every other position
-    gets 0: the same values where scored, for a fraction of the largest matrix multiplication
-    (under sequence parallelism, where the output layer gathers the sequence itself, the logits
-    of every position are made and the scored ones picked).
+    gets 0: the same values where scored, for a fraction of the largest matrix multiplication.
+    Under sequence parallelism too: each TP rank contributes the scored rows of its slice of the
+    sequence, and only those [M, hidden] rows travel (:func:`~megatron_sami.models.gpt_ops.output_layer_at`).
 
     With ``shared`` (the ``tokens``, ``position_ids``, ``segment_ids`` and ``score_index`` of
     :mod:`megatron_sami.alignment.shared_prompt`), the model runs on the shared-prompt rows instead
@@ -69,7 +69,7 @@ def token_nll(model: torch.nn.Module, tokens_NT: torch.Tensor, labels_NT: torch.
     else:
         inputs_RS, positions_RS, attention_mask = tokens_NT, position_ids_like(tokens_NT), None
         score_index_M = scored_NT.flatten().nonzero().squeeze(1) if scored_NT is not None else None
-    select = score_index_M is not None and last_stage and not gpt.config.sequence_parallel and score_index_M.numel() > 0
+    select = score_index_M is not None and last_stage and score_index_M.numel() > 0
     with contextlib.ExitStack() as stack:
         if shared is not None:
             stack.enter_context(rotary_positions(gpt, positions_RS))

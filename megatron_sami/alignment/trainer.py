@@ -61,7 +61,7 @@ from megatron_sami.models.checkpoint_dir import (
     read_checkpoint_model,
     write_checkpoint_description,
 )
-from megatron_sami.models.config import ModelConfig, PrecisionConfig
+from megatron_sami.models.config import ModelConfig, PrecisionConfig, recompute_mode
 from megatron_sami.runlock import RunLock
 from megatron_sami.runtime.distributed import RuntimeInfo, collective_device, logger, megatron_runtime
 from megatron_sami.runtime.layout import ParallelConfig
@@ -77,6 +77,7 @@ from megatron_sami.training.engine import (
     any_rank,
     build_optimizer,
     data_parallel_rank,
+    gather_parameters,
     optimizer_step_count,
     peak_tflops,
     set_optimizer_step_count,
@@ -125,7 +126,7 @@ class TrainConfig:
     queries_per_microbatch: int = 1
     seed: int = 1234
     save_interval: int = 0  # 0: only after the last step
-    recompute_activations: bool = False
+    recompute_activations: str = "none"  # none | selective | full (models/memory.py: what each stores)
     data: DataConfig = field(default_factory=DataConfig)
     template: PromptTemplate = field(default_factory=PromptTemplate)
     loss: SamiLossConfig = field(default_factory=SamiLossConfig)
@@ -140,6 +141,7 @@ class TrainConfig:
         if self.queries_per_step < 1 or self.queries_per_microbatch < 1:
             raise ConfigError("queries_per_step and queries_per_microbatch must be >= 1.")
         self.lr_schedule.check_peak(self.optimizer.lr)
+        self.recompute_activations = recompute_mode(self.recompute_activations)
 
     def microbatches_per_rank(self, data_parallel_size: int) -> int:
         """Microbatches each data-parallel rank runs per optimizer step.
@@ -221,6 +223,7 @@ def save_training_checkpoint(run: TrainRun) -> Path:
                 # The settings this checkpoint was trained with, what a resume compares against.
                 atomic_write_text(staging / "trainer_state" / "config.yaml", run.resolved_yaml)
             dist.barrier()
+            gather_parameters(run.ddp_model)  # optimizer.overlap_param_gather leaves them to the next forward
             save_weights(run.ddp_model, staging / "weights")
             save_optimizer(run.ddp_model, run.optimizer, staging / "optimizer", fmt)
             _agree_on_local_writes(lambda: _write_trainer_state(staging / "trainer_state", state, rank))
@@ -525,7 +528,7 @@ def setup(cfg: TrainConfig, info: RuntimeInfo, model_config: ModelConfig, resolv
         logger.info("resume: %s changed from %r to %r (takes effect from step %d)", key, old, new, step + 1)
     _, model = load_checkpoint_model(Path(cfg.checkpoint), cfg.parallel, cfg.precision.params_dtype,
                                      cfg.data.seq_length, cfg.recompute_activations, precision=cfg.precision)
-    ddp_model = wrap_ddp(model, cfg.optimizer.use_distributed_optimizer)
+    ddp_model = wrap_ddp(model, cfg.optimizer)
     optimizer = build_optimizer(ddp_model, cfg.optimizer)
     if resume.state is not None:
         load_training_state(resume.checkpoint, resume.state, run_layout(info), ddp_model, optimizer)
@@ -570,8 +573,8 @@ def metrics_row(run: TrainRun, result: StepResult, lr: float, micro: list[dict[s
     """
     tokens, _ = step_token_counts(micro)
     world_size = run.info.launch.world_size
-    flops_step = torch.tensor([step_flops(run.model_config, micro, logits_everywhere=run.cfg.parallel.sequence_parallel)],
-                           dtype=torch.float64, device=collective_device())
+    flops_step = torch.tensor([step_flops(run.model_config, micro)], dtype=torch.float64,
+                              device=collective_device())
     flops = float(sum_over_data_parallel(flops_step)[0])
     tflops = flops / step_time_s / world_size / 1e12
     return {"step": run.step, **{key: result.logs[key] for key in METRIC_KEYS}, "lr": lr,

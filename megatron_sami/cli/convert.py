@@ -7,9 +7,12 @@
 
 One process converts a small model; for large ones launch with torchrun or srun and split the
 layers with --pipeline (and experts with --expert): each process reads and holds only its part.
-The checkpoint keeps the source's dtype (fp16 stays fp16, so the round trip is bitwise); --dtype
-casts. Errors print one sentence naming the fix and exit with code 2; nothing half-written is
-left, and an output that is, contains or lies inside the source is refused (even with --overwrite).
+megatron-to-hf streams in one process, without a process group or GPU, from a checkpoint saved
+at any layout, holding one tensor at a time (its --pipeline and --expert are accepted and
+ignored; under a multi-process launch only the first process exports). The checkpoint keeps the
+source's dtype (fp16 stays fp16, so the round trip is bitwise); --dtype casts. Errors print one
+sentence naming the fix and exit with code 2; nothing half-written is left, and an output that
+is, contains or lies inside the source is refused (even with --overwrite).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from megatron_sami.cli.common import fail_once, run_main, user_error
+from megatron_sami.cli.common import fail_once, is_first_process, run_main, user_error
 from megatron_sami.errors import SamiError
 
 # The layout settings' Hydra keys (in shared error messages) -> this command's options.
@@ -33,8 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name)
         command.add_argument(source, type=Path)
         command.add_argument("out_dir", type=Path)
-        command.add_argument("--pipeline", type=int, default=1, help="pipeline stages to split layers over")
-        command.add_argument("--expert", type=int, default=1, help="expert-parallel size to split experts over")
+        ignored = " (ignored: the export streams in one process)" if name == "megatron-to-hf" else ""
+        command.add_argument("--pipeline", type=int, default=1, help="pipeline stages to split layers over" + ignored)
+        command.add_argument("--expert", type=int, default=1, help="expert-parallel size to split experts over" + ignored)
         command.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
         if name == "megatron-to-hf":
             command.add_argument("--dtype", choices=DTYPES,
@@ -89,6 +93,8 @@ def run(args) -> int:
 
     parallel = ParallelConfig(tensor=getattr(args, "tensor", 1), pipeline=args.pipeline, expert=args.expert)
     try:
+        if args.command == "megatron-to-hf":
+            return _export(args)
         with megatron_runtime(parallel):
             return _run_command(args, convert, parallel)
     except BaseException as err:
@@ -101,13 +107,24 @@ def run(args) -> int:
         raise found from err
 
 
+def _export(args) -> int:
+    """The streaming export, in this process (the first of a multi-process launch; the others
+    have nothing to do and end at once)."""
+    from megatron_sami.conversion.export import megatron_to_hf
+    from megatron_sami.runtime.distributed import logger, setup_logging
+
+    setup_logging(0)
+    if not is_first_process():
+        logger.warning("megatron-to-hf streams in one process: the launch's first process exports, this one ends")
+        return 0
+    megatron_to_hf(args.ckpt_dir, args.out_dir, overwrite=args.overwrite, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 1e9))
+    return 0
+
+
 def _run_command(args, convert, parallel) -> int:
     if args.command == "hf-to-megatron":
         convert.hf_to_megatron(args.hf_dir, args.out_dir, parallel, overwrite=args.overwrite, dtype=args.dtype)
-        return 0
-    if args.command == "megatron-to-hf":
-        convert.megatron_to_hf(args.ckpt_dir, args.out_dir, parallel, overwrite=args.overwrite,
-                               dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
         return 0
     return _verify(args, parallel)
 

@@ -1,6 +1,7 @@
 """HF <-> Megatron conversion, run inside the project's runtime (one or several processes).
 
-The output of ``hf_to_megatron`` (and the input of ``megatron_to_hf``) is a checkpoint
+The output of ``hf_to_megatron`` (and the input of the export,
+:func:`megatron_sami.conversion.export.megatron_to_hf`, which streams in one process) is a checkpoint
 directory, whose format :mod:`megatron_sami.models.checkpoint_dir` owns. Conversion runs at
 TP=1; pipeline and expert parallelism split the work (each process writes only its layers and
 experts, reading only those HF tensors). The model is built on the meta
@@ -12,7 +13,6 @@ holds at most a chunk per writer thread, whatever the model's size. Outputs are 
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import threading
@@ -29,13 +29,10 @@ from megatron_sami.conversion.hf_io import (
     SafetensorsReader,
     model_config_from_hf,
     read_hf_config,
-    write_index,
-    write_sharded,
 )
 from megatron_sami.conversion.table import Rule, expand_rules, global_name, ignored_hf_keys
 from megatron_sami.conversion.transforms import Rows, Shapes, megatron_shape, to_hf, to_rows
 from megatron_sami.errors import ConversionError
-from megatron_sami.io import atomic_write_json
 from megatron_sami.models.build import Backend, build_gpt_model
 from megatron_sami.models.checkpoint import FileBytes, is_rank0, save_weights_lazily, staged_output, unwrap
 from megatron_sami.models.checkpoint_dir import (
@@ -43,12 +40,10 @@ from megatron_sami.models.checkpoint_dir import (
     WEIGHTS_DIR,
     cast_parameters,
     check_output_path,
-    load_checkpoint_model,
-    read_checkpoint_model,
     write_model_files,
 )
 from megatron_sami.models.config import ModelConfig, PrecisionConfig
-from megatron_sami.models.gpt_ops import layer_and_expert_offsets, tensor_parallel_size, writes_param
+from megatron_sami.models.gpt_ops import layer_and_expert_offsets, tensor_parallel_size
 from megatron_sami.runtime.distributed import logger
 
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -167,12 +162,13 @@ def megatron_file_bytes(reader: SafetensorsReader, rule: Rule, layout: list[Rows
     return FileBytes(shape, dtype, pieces)
 
 
-class _Progress:
+class Progress:
     """Logs each tenth of a rank's bytes as they are made: GB, GB/s and ETA. Called from the
     checkpoint writer's threads."""
 
-    def __init__(self, total_bytes: int) -> None:
+    def __init__(self, total_bytes: int, verb: str = "converting") -> None:
         self.total, self.done, self.next_report = total_bytes, 0, total_bytes / 10
+        self.verb = verb
         self.start, self.lock = time.perf_counter(), threading.Lock()
 
     def record(self, nbytes: int) -> None:
@@ -183,7 +179,7 @@ class _Progress:
             self.next_report += self.total / 10
             elapsed = time.perf_counter() - self.start
             rate = self.done / elapsed
-            logger.info("converting: %3.0f%%, %.2f of %.2f GB, %.2f GB/s, ETA %.0f s", 100 * self.done / self.total,
+            logger.info("%s: %3.0f%%, %.2f of %.2f GB, %.2f GB/s, ETA %.0f s", self.verb, 100 * self.done / self.total,
                         self.done / 1e9, self.total / 1e9, rate / 1e9, (self.total - self.done) / rate)
 
 
@@ -229,7 +225,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     model, reader = check_hf_source(hf_dir, out_dir, overwrite, name)
     parallel.validate(model, dist.get_world_size(), training=False)
     source_dtype = reader.dtype()
-    stored_dtype = _dtype_named(dtype) if dtype else source_dtype
+    stored_dtype = dtype_named(dtype) if dtype else source_dtype
     megatron_model = _meta_model(model, parallel, stored_dtype)
     start = time.perf_counter()
     _require_tp1()
@@ -241,7 +237,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     layout_of = {name: to_rows(rule.transform, shapes, [reader.shape(key) for key in rule.hf])
                  for name, rule in rule_of.items()}
     param_of = {name: param for name, param, _ in parameters}
-    progress = _Progress(sum(param.numel() * param.element_size() for _, param, _ in parameters))
+    progress = Progress(sum(param.numel() * param.element_size() for _, param, _ in parameters))
 
     def materialize(name: str, first: int, count: int) -> torch.Tensor | FileBytes:
         rule, shape = rule_of[name], (count, *param_of[name].shape[1:])
@@ -267,7 +263,7 @@ def hf_to_megatron(hf_dir: Path, out_dir: Path, parallel, overwrite: bool = Fals
     return out_dir
 
 
-def _dtype_named(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
     """The torch dtype of a ``--dtype`` name; ConversionError naming the choices otherwise."""
     if name not in DTYPE_NAMES:
         raise ConversionError(f"dtype '{name}' is not supported; use one of {', '.join(DTYPE_NAMES)}.")
@@ -293,62 +289,3 @@ def _write_metadata(staging: Path, hf_dir: Path, model: ModelConfig, conversion:
     for file_name in HF_META_FILES:
         if (hf_dir / file_name).is_file():
             shutil.copy2(hf_dir / file_name, staging / HF_DIR / file_name)
-
-
-def megatron_to_hf(ckpt_dir: Path, out_dir: Path, parallel, overwrite: bool = False, dtype: str | None = None,
-                   max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Export a checkpoint directory to an HF directory that ``from_pretrained`` loads (collective).
-
-    Args:
-        dtype: "bfloat16", "float16" or "float32"; default: the dtype of the original HF weights.
-        max_shard_bytes: the largest safetensors file each process writes (bytes).
-
-    Returns:
-        ``out_dir``.
-
-    Raises:
-        OutputOverlapError: ``out_dir`` is, contains or lies inside ``ckpt_dir``.
-        ConversionError: ``ckpt_dir`` is not a checkpoint directory, ``out_dir`` exists (without
-            ``overwrite``), ``dtype`` is not supported, or TP > 1.
-        CheckpointError: the checkpoint's weights do not fit its model.
-    """
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
-    check_output_path(out_dir, overwrite, {"checkpoint": ckpt_dir})
-    model, conversion = read_checkpoint_model(ckpt_dir)
-    out_dtype_name = dtype or conversion.get("source_dtype", "bfloat16")
-    out_dtype = _dtype_named(out_dtype_name)
-    # Loaded in the dtype it is stored in when that is the output's (bitwise), else in fp32 (exact)
-    # so that the only rounding is the one cast to the output dtype.
-    stored = conversion.get("params_dtype", "bf16")
-    load_dtype = stored if PARAMS_DTYPE_OF.get(out_dtype) == stored else "fp32"
-    model, megatron_model = load_checkpoint_model(ckpt_dir, parallel, load_dtype)
-    _require_tp1()
-    shapes = shapes_of(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for local_name, param, rule in local_rules(megatron_model, model):
-        is_tied_copy = model.tie_word_embeddings and local_name == "output_layer.weight"
-        if is_tied_copy or not writes_param(local_name):
-            continue
-        for key, tensor in zip(rule.hf, to_hf(rule.transform, shapes, param.detach()), strict=True):
-            tensors[key] = tensor.to(out_dtype).clone()
-    with staged_output(out_dir) as staging:
-        weight_map = write_sharded(tensors, staging, f"model-rank{dist.get_rank():04d}", max_shard_bytes)
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (weight_map, size))
-        if is_rank0():
-            merged = {key: file for part, _ in gathered for key, file in part.items()}
-            write_index(staging, merged, sum(size for _, size in gathered))
-            _write_hf_meta(staging, ckpt_dir / HF_DIR, out_dtype_name, conversion.get("source_dtype"))
-    logger.info("exported %s -> %s (%s)", ckpt_dir, out_dir, out_dtype_name)
-    return out_dir
-
-
-def _write_hf_meta(staging: Path, meta_dir: Path, dtype_name: str, source_dtype: str | None) -> None:
-    for file_name in HF_META_FILES:
-        if (meta_dir / file_name).is_file():
-            shutil.copy2(meta_dir / file_name, staging / file_name)
-    if dtype_name != source_dtype:
-        config = json.loads((staging / "config.json").read_text())
-        config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name
-        atomic_write_json(staging / "config.json", config)

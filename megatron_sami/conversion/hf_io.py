@@ -384,24 +384,115 @@ class SafetensorsReader:
         return self._headers[file_name]
 
 
+def shard_names(sizes: list[tuple[str, int]], prefix: str, max_shard_bytes: int) -> dict[str, str]:
+    """Which file each tensor goes to (key -> ``{prefix}-{n:05d}.safetensors``), in order: a new
+    file starts when the next tensor would take a non-empty one past ``max_shard_bytes``.
+
+    Args:
+        sizes: (key, bytes) of every tensor, in the order they are written.
+    """
+    names, number, size = {}, 1, 0
+    for key, nbytes in sizes:
+        if size and size + nbytes > max_shard_bytes:
+            number, size = number + 1, 0
+        names[key] = f"{prefix}-{number:05d}.safetensors"
+        size += nbytes
+    return names
+
+
 def write_sharded(tensors: dict[str, torch.Tensor], directory: Path, prefix: str,
                   max_shard_bytes: int) -> dict[str, str]:
     """Write tensors into safetensors files of at most ``max_shard_bytes``; returns key -> file."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor.contiguous()
-        size += nbytes
-    weight_map = {}
-    for number, shard in enumerate(shards, start=1):
-        file_name = f"{prefix}-{number:05d}.safetensors"
-        _save_file(shard, directory / file_name)
-        weight_map.update({key: file_name for key in shard})
+    weight_map = shard_names([(key, t.numel() * t.element_size()) for key, t in tensors.items()], prefix,
+                             max_shard_bytes)
+    for file_name in dict.fromkeys(weight_map.values()):
+        _save_file({key: tensors[key].contiguous() for key, name in weight_map.items() if name == file_name},
+                   directory / file_name)
     return weight_map
+
+
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+class StreamingShardWriter:
+    """Safetensors shards written one tensor at a time, each tensor's bytes dropped once written.
+
+    Every tensor's name and shape is known before any is made, so each file's header (JSON: dtype,
+    shape and byte range of each tensor, then spaces to a multiple of 8 bytes, after its 8-byte
+    little-endian length, as the safetensors format specifies) is written first and the tensors
+    are appended in order. Files are split as :func:`write_sharded` splits them.
+    """
+
+    def __init__(self, directory: Path, prefix: str, entries: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype,
+                 max_shard_bytes: int) -> None:
+        """Plan the files of ``entries`` ((key, shape) in writing order), all in ``dtype``."""
+        self.directory, self.dtype, self.shapes = directory, dtype, dict(entries)
+        self.order = [key for key, _ in entries]
+        self.nbytes = {key: math.prod(shape) * dtype.itemsize for key, shape in entries}
+        self.weight_map = shard_names([(key, self.nbytes[key]) for key in self.order], prefix, max_shard_bytes)
+        self.total_size = sum(self.nbytes.values())
+        self._next, self._stream, self._file_name = 0, None, None
+
+    def write(self, key: str, tensor: torch.Tensor) -> None:
+        """Append ``key``, the next tensor of the plan (a ValueError otherwise)."""
+        if self._next >= len(self.order) or key != self.order[self._next] or tuple(tensor.shape) != self.shapes[key] \
+                or tensor.dtype != self.dtype:
+            raise ValueError(f"{key} {list(tensor.shape)} {tensor.dtype} is not the next tensor of the plan")
+        if self.weight_map[key] != self._file_name:
+            self._finish_file()
+            self._start_file(self.weight_map[key])
+        with _refusals_named(self.directory / self._file_name):
+            self._stream.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        """Finish the last file (flushed and fsynced); every planned tensor must have been written."""
+        self._finish_file()
+        if self._next != len(self.order):
+            raise ValueError(f"{len(self.order) - self._next} planned tensors were not written")
+
+    def abort(self) -> None:
+        """Close the open file without checks (after a failure; the caller removes the directory)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def _start_file(self, file_name: str) -> None:
+        keys = [key for key in self.order if self.weight_map[key] == file_name]
+        header, position = {"__metadata__": {"format": "pt"}}, 0
+        for key in keys:
+            header[key] = {"dtype": _SAFETENSORS_NAMES[self.dtype], "shape": list(self.shapes[key]),
+                           "data_offsets": [position, position + self.nbytes[key]]}
+            position += self.nbytes[key]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with _refusals_named(self.directory / file_name):
+            self._stream = open(self.directory / file_name, "xb")  # noqa: SIM115 - closed in _finish_file
+            self._stream.write(struct.pack("<Q", len(text)) + text)
+        self._file_name = file_name
+
+    def _finish_file(self) -> None:
+        if self._stream is None:
+            return
+        try:
+            with _refusals_named(self.directory / self._file_name):
+                self._stream.flush()
+                os.fsync(self._stream.fileno())
+        finally:
+            self.abort()
+
+
+@contextlib.contextmanager
+def _refusals_named(path: Path):
+    """A file-system refusal (disk full, file-size limit, read-only) while writing ``path`` as
+    the one-sentence StorageError naming it; other errors as they are."""
+    try:
+        yield
+    except OSError as err:
+        refusal = storage_error(err, path)
+        if refusal is None:
+            raise
+        raise refusal from err
 
 
 def _save_file(shard: dict[str, torch.Tensor], path: Path) -> None:

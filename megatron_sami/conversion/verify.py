@@ -100,6 +100,10 @@ def hf_reference(hf_dir: Path, tokens_BT: torch.Tensor, num_new: int, dtype: tor
     transformers' ``from_pretrained(hf_dir)`` in ``dtype`` (the reference implementation)."""
     from transformers import AutoModelForCausalLM
 
+    from megatron_sami.device_budget import check_hf_model
+
+    check_hf_model(hf_dir, f"verify's transformers reference (the whole model {hf_dir})",
+                   "verify where one process may hold the whole model (unset SAMI_DEVICE_BUDGET_PARAMS)")
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     model.eval()
 

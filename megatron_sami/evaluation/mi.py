@@ -41,13 +41,14 @@ from megatron_sami.alignment.objective import SamiLossConfig, paper_mi_estimate,
 from megatron_sami.errors import DataError, SamiError
 from megatron_sami.evaluation.splits import split_label, splits_of
 from megatron_sami.io import atomic_output, atomic_write_json, atomic_write_jsonl
-from megatron_sami.rollout.constitutions import (
-    ConstitutionSet,
-    SamplingConfig,
-    evaluation_constitutions,
-    max_constitutions,
+from megatron_sami.rollout.constitutions import ConstitutionSet, SamplingConfig, max_constitutions
+from megatron_sami.rollout.generation import (
+    GenerationConfig,
+    GenerationTask,
+    make_backend,
+    read_shards,
+    run_task,
 )
-from megatron_sami.rollout.generation import GenerationConfig, generate_records, make_backend, read_shards
 from megatron_sami.rollout.queries import Query
 
 MAX_SCORED_LENGTH = 8192  # tokens of one scored (prompt, response) sequence
@@ -154,12 +155,17 @@ def hf_matrices(model_dir: str | Path, records: list[SamiRecord], template: Prom
 
     Raises:
         OverlengthError: as :func:`score_record`.
+        DeviceBudgetError: the whole model is over ``SAMI_DEVICE_BUDGET_PARAMS``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_sami.device_budget import check_hf_model
     from megatron_sami.runtime.quiet import quiet_transformers
 
     quiet_transformers()
+    check_hf_model(model_dir, f"MI scoring with transformers (the whole model {model_dir})",
+                   "score through Megatron at a sharded layout instead (sami-iterate's evaluation.scorer=megatron, "
+                   "sami-score)")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     if torch.cuda.is_available():
@@ -287,18 +293,30 @@ def evaluate_model(model_dir: str | Path, queries: list[Query], cset: Constituti
     backend_factory = backend_factory or (lambda: make_backend(model_dir, generation))
     scorer = scorer or (lambda label, records: hf_matrices(model_dir, records, template))
     results = {}
-    for split in splits_of(cset):
-        sampling = evaluation_sampling(cset, split, principles_per_query)
-        shards = generate_records(backend_factory, queries, cset, sampling, template, shard_dir(split),
-                                  generation.shard_size, seed, sample=evaluation_constitutions,
-                                  before_shard=before_shard)
+    for task in generation_tasks(cset, principles_per_query, shard_dir, seed):
+        shards = run_task(backend_factory, queries, cset, template, task, generation.shard_size,
+                          before_shard=before_shard)
         records = [parse_record(json.dumps(row), name) for row in read_shards(shards)
                    if all(r.strip() for r in row["responses"])]
         if not records:
             raise SamiError(f"{name}: every evaluation response was empty; raise max_new_tokens.")
-        label = split_label(split)
+        label = split_label(task.sampling.split)
         results[label] = estimates(scorer(label, records))
     return results
+
+
+def generation_tasks(cset: ConstitutionSet, principles_per_query: int, shard_dir: Callable[[str], Path],
+                     seed: int) -> list[GenerationTask]:
+    """The responses :func:`evaluate_model` generates, one task per principle split
+    (:func:`evaluation_sampling`, every sign pattern); ``sami-iterate`` runs them beforehand as
+    a launched job (``megatron_sami.cli.generate``, one engine per node), and evaluate_model then
+    finds every shard written.
+
+    Raises:
+        ConfigError: as :func:`evaluation_sampling`.
+    """
+    return [GenerationTask(str(shard_dir(split)), evaluation_sampling(cset, split, principles_per_query),
+                           "evaluation", seed) for split in splits_of(cset)]
 
 
 def evaluate_models(models: list[tuple[str, Path]], queries: list[Query], cset: ConstitutionSet,

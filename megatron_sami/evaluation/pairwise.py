@@ -43,16 +43,15 @@ from megatron_sami.evaluation.winrate import (
 from megatron_sami.io import atomic_output, atomic_write_json, atomic_write_jsonl
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
-    QueryConstitutions,
     SamplingConfig,
-    choose_principles,
-    render,
+    positive_constitution,  # noqa: F401 (its old home; the sampler named "positive")
 )
 from megatron_sami.rollout.generation import (
     GenerationConfig,
-    generate_records,
+    GenerationTask,
     make_backend,
     read_shards,
+    run_task,
 )
 from megatron_sami.rollout.queries import Query
 
@@ -128,12 +127,6 @@ def parse_baselines(specs: list[str]) -> list[tuple[str, str | None]]:
     return out
 
 
-def positive_constitution(cset: ConstitutionSet, config: SamplingConfig, rng) -> QueryConstitutions:
-    """The query's principles (drawn as the MI evaluation draws them), every one positive."""
-    principles = choose_principles(cset, config, rng)
-    return QueryConstitutions([render(principles, (True,) * len(principles))])
-
-
 def sampling_for(cset: ConstitutionSet, split: str, principles_per_query: int) -> SamplingConfig:
     """The principles drawn per query of ``split``: as many as the MI evaluation draws."""
     # num_constitutions is unused here: one (positive) constitution per query.
@@ -159,13 +152,18 @@ def generate_responses(model_dir: Path, queries: list[Query], cset: Constitution
     """
     greedy = GenerationConfig(**{**vars(generation), "temperature": 0.0})
     rows = []
-    for split in splits_of(cset):
-        shards = generate_records(lambda: make_backend(model_dir, greedy), queries, cset,
-                                  sampling_for(cset, split, principles_per_query), template,
-                                  out_dir / split_label(split), greedy.shard_size, seed,
-                                  sample=positive_constitution, before_shard=before_shard)
-        rows += response_rows(read_shards(shards), split)
+    for task in response_tasks(cset, principles_per_query, out_dir, seed):
+        shards = run_task(lambda: make_backend(model_dir, greedy), queries, cset, template, task, greedy.shard_size,
+                          before_shard=before_shard)
+        rows += response_rows(read_shards(shards), task.sampling.split)
     return rows
+
+
+def response_tasks(cset: ConstitutionSet, principles_per_query: int, out_dir: Path, seed: int) -> list[GenerationTask]:
+    """What :func:`generate_responses` generates, one task per principle split (a launched
+    ``megatron_sami.cli.generate`` job can run them beforehand, which it then reads)."""
+    return [GenerationTask(str(out_dir / split_label(split)), sampling_for(cset, split, principles_per_query),
+                           "positive", seed) for split in splits_of(cset)]
 
 
 def read_response_rows(path: Path) -> list[dict]:

@@ -4,13 +4,18 @@ For iteration t = 1..T: the model of iteration t-1 (t = 1: the base model) gener
 response per (query, constitution) on a fresh, disjoint query set; the records are filtered;
 the BASE model (or, with ``train_from=previous``, the last iteration's) is trained on them with
 ``sami-train`` for a few steps; the result is exported to HF and its mutual information is
-evaluated on held-out queries (the base model is evaluated once, as iteration 0).
+evaluated on held-out queries (the base model is evaluated once, as iteration 0). Between
+training and export, ``iterT/cleanup`` keeps only the final checkpoint's weights of the finished
+training (:mod:`megatron_sami.iteration.pruning`; ``keep_optimizer_state=true`` skips it).
 
-Every phase records its completion in ``state.json`` (written atomically); a rerun of the same
+Every phase records its completion in ``state.json`` (written atomically), with its wall time,
+the node count and the tokens it processed (``iteration/report.py``'s phase split); a rerun of the same
 command skips completed phases and resumes inside an incomplete one (generation keeps finished
 shards, training resumes from its last checkpoint). Training and export run as subprocesses
-through the configured launcher (torchrun locally, srun on Slurm); generation, filtering and
-evaluation run in this process.
+through the configured launcher (torchrun locally, srun on Slurm); generation (also the
+evaluation's) runs as its own processes, one engine per node over that node's share of the
+shards (``megatron_sami.cli.generate``; one local process without srun), which exit when done
+so that no phase inherits their GPU memory; filtering and the MI estimates run in this process.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from megatron_sami.evaluation import mi
 from megatron_sami.evaluation import pairwise as winrate
 from megatron_sami.evaluation.splits import split_label
 from megatron_sami.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, check_output_apart
+from megatron_sami.iteration.pruning import prune_training_checkpoints
+from megatron_sami.iteration.report import phase_tokens
 from megatron_sami.resources import config_dir
 from megatron_sami.rollout.constitutions import (
     ConstitutionSet,
@@ -46,10 +53,12 @@ from megatron_sami.rollout.constitutions import (
 from megatron_sami.rollout.filters import FilterConfig, filter_records
 from megatron_sami.rollout.generation import (
     GenerationConfig,
+    GenerationJob,
+    GenerationTask,
     check_backend_available,
-    generate_records,
-    make_backend,
     read_shards,
+    shard_writers,
+    write_job,
 )
 from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
 from megatron_sami.runlock import RunLock
@@ -117,6 +126,45 @@ class LauncherConfig:
             prefix += [f"--output={name}", "--open-mode=append"]
         return [*prefix, python, "-m", module, *args]
 
+    def _srun_prefix(self) -> list[str] | None:
+        prefix = shlex.split(self.prefix) if isinstance(self.prefix, str) else [str(part) for part in self.prefix or []]
+        return prefix if prefix and Path(prefix[0]).name == "srun" else None
+
+    def num_nodes(self) -> int:
+        """The nodes a per-node phase runs on: srun's ``--nodes`` (else the allocation's); 1
+        without an srun prefix (one local process)."""
+        prefix = self._srun_prefix()
+        if prefix is None:
+            return 1
+        nodes = [part.split("=", 1)[1] for part in prefix if part.startswith("--nodes=")]
+        return int((nodes[-1] if nodes else None) or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+
+    def num_processes(self) -> int | None:
+        """The ranks of a launched phase: torchrun's ``nproc_per_node``, or srun's ``--nodes`` x
+        ``--ntasks-per-node``; None for another launcher prefix, or one that does not say."""
+        if not self.prefix:
+            return self.nproc_per_node
+        prefix = self._srun_prefix() or []
+        per_node = [part.split("=", 1)[1] for part in prefix if part.startswith("--ntasks-per-node=")]
+        return int(per_node[-1]) * self.num_nodes() if per_node and per_node[-1].isdigit() else None
+
+    def node_command(self, module: str, args: list[str], phase: str) -> list[str]:
+        """The argv that runs ``python -m module args`` once per node (generation: one engine per
+        node over all its GPUs): srun with one task per node, each task given the CPUs of the
+        node's tasks; without an srun prefix one local process."""
+        prefix = self._srun_prefix()
+        if prefix is None:
+            return [self.python or sys.executable, "-m", module, *args]
+        per_node = [part.split("=", 1)[1] for part in prefix if part.startswith("--ntasks-per-node=")]
+        tasks = int(per_node[-1]) if per_node and per_node[-1].isdigit() else 1
+        cpus = [part.split("=", 1)[1] for part in prefix if part.startswith("--cpus-per-task=")]
+        # Later options win in srun; --ntasks too, since the batch environment's SLURM_NTASKS counts GPU tasks.
+        options = ["--ntasks-per-node=1", f"--ntasks={self.num_nodes()}"]
+        if cpus and cpus[-1].isdigit():
+            options.append(f"--cpus-per-task={int(cpus[-1]) * tasks}")
+        command = LauncherConfig(prefix=[*prefix, *options], python=self.python, log_dir=self.log_dir)
+        return command.command(module, args, phase)
+
 
 @dataclass
 class EvalConfig:
@@ -162,6 +210,10 @@ class IterateConfig:
     winrate: winrate.WinRateConfig = field(default_factory=winrate.WinRateConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     export_dtype: str | None = None
+    # false: once an iteration's training is recorded complete, its other checkpoints and the final
+    # one's optimizer state are removed (nothing reads them again: iteration/pruning.py; 0.85 TB per
+    # checkpoint at 70B); true keeps every checkpoint whole.
+    keep_optimizer_state: bool = False
     # The sami-train settings this run sets (the rest are sami-train's own defaults, so a changed
     # default reaches every iteration); checked as a TrainConfig when the run opens.
     train: dict = field(default_factory=dict)
@@ -171,6 +223,8 @@ class IterateConfig:
             raise ConfigError("iterations and queries_per_iteration must be >= 1.")
         if self.train_from not in TRAIN_FROM:
             raise ConfigError(f"train_from '{self.train_from}' is unknown; use base or previous.")
+        if not isinstance(self.keep_optimizer_state, bool):
+            raise ConfigError(f"keep_optimizer_state must be true or false, got {self.keep_optimizer_state!r}.")
         if not self.base.hf and not self.base.checkpoint:
             raise ConfigError("set base.hf (an HF model directory) or base.checkpoint (a converted checkpoint).")
 
@@ -271,12 +325,17 @@ class Run:
         self._check_template()
         self._check_paths()
         check_backend_available(cfg.generation)
+        # Only a run this process claimed launches generation per node (a report opens a run
+        # outside its allocation and generates what it lacks in one local process).
+        self.claimed = resolved_yaml is not None
         if resolved_yaml is not None:
             self._claim(resolved_yaml)
         self.state = read_state(self.dir / "state.json")
         self.started = time.perf_counter()
         self.stop_signal: int | None = None
         self.child: subprocess.Popen | None = None
+        self.launched_s: dict[str, float] = {}  # the running phase's launched commands: module -> seconds
+        self.launched_layouts: dict[str, dict] = {}  # the same commands: module -> layout and processes
 
     # -- set-up -------------------------------------------------------------------------------------
     def _check_eval_sampling(self) -> None:
@@ -379,8 +438,10 @@ class Run:
         for t in range(1, self.cfg.iterations + 1):
             phases += [(f"iter{t}/generate", lambda t=t: self.generate(t)),
                        (f"iter{t}/filter", lambda t=t: self.filter(t)),
-                       (f"iter{t}/train", lambda t=t: self.train(t)),
-                       (f"iter{t}/export", lambda t=t: self.export(t))]
+                       (f"iter{t}/train", lambda t=t: self.train(t))]
+            if not self.cfg.keep_optimizer_state:
+                phases.append((f"iter{t}/cleanup", lambda t=t: self.cleanup(t)))
+            phases.append((f"iter{t}/export", lambda t=t: self.export(t)))
             if self.cfg.evaluation.enabled:
                 phases.append((f"iter{t}/evaluate", lambda t=t: self.evaluate(t)))
             if self.cfg.winrate.enabled:
@@ -427,20 +488,23 @@ class Run:
                 continue
             logger.info("[iterate] phase %d/%d %s (elapsed %.0f s)", number, len(phases), name,
                         time.perf_counter() - self.started)
-            phase_start = time.perf_counter()
+            phase_start, self.launched_s, self.launched_layouts = time.perf_counter(), {}, {}
             result = action()
-            self.record(name, result | {"seconds": round(time.perf_counter() - phase_start, 1)})
+            self.record(name, result | {"seconds": round(time.perf_counter() - phase_start, 1)} | self.measures(name))
         self.write_samples()
         return self.summary()
 
-    def launch(self, phase: str, module: str, args: list[str], distributed: bool = True) -> None:
-        """Run a phase's command: through the launcher (training), or as one local process.
+    def launch(self, phase: str, module: str, args: list[str], distributed: bool = True,
+               per_node: bool = False) -> None:
+        """Run a phase's command: through the launcher (training), once per node (``per_node``:
+        :meth:`LauncherConfig.node_command`), or as one local process.
 
         Raises:
             Preempted: the command exited with code 75, or failed after this driver got a stop signal.
             PhaseError: the command failed (its output is above).
         """
-        command = self.cfg.launcher.command(module, args, phase) if distributed else [sys.executable, "-m", module, *args]
+        command = self.cfg.launcher.node_command(module, args, phase) if per_node else \
+            self.cfg.launcher.command(module, args, phase) if distributed else [sys.executable, "-m", module, *args]
         logger.info("[iterate] %s: %s", phase, shlex.join(command))
         # The phase runs in a session of its own, so that a terminal's Ctrl-C reaches it once, through
         # _on_signal, and dies with this driver (die_with_parent), so that kill -9 of the driver's
@@ -448,7 +512,11 @@ class Run:
         # after a signal before it kills them.
         env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"} | os.environ | {"PYTHONUNBUFFERED": "1"}
         self.child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=die_with_parent)
+        launched = time.perf_counter()
         returncode = self.child.wait()
+        part = module.rsplit(".", 1)[-1]  # megatron_sami.cli.score -> score
+        self.launched_s[part] = self.launched_s.get(part, 0.0) + time.perf_counter() - launched
+        self.launched_layouts[part] = self.placement(distributed, per_node)
         self.child = None
         if returncode == EXIT_PREEMPTED or (returncode != 0 and self.stop_signal is not None):
             by = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal"
@@ -489,17 +557,51 @@ class Run:
             return [Query(**json.loads(line)) for line in handle if line.strip()]
 
     def backend_factory(self, model_dir: Path, generation: GenerationConfig):
-        """A function that builds the generation backend of ``model_dir`` when first needed."""
-        return lambda: make_backend(model_dir, generation)
+        """A function that would build the generation backend of ``model_dir``: called only when
+        a shard is missing after :meth:`run_generation`, which is a bug."""
+        def refuse():
+            raise PhaseError(f"generation with {model_dir} left shards missing that the driver found complete; "
+                             f"rerun the same command to resume.")
+        return refuse
+
+    def run_generation(self, phase: str, job_path: Path, model_dir: Path, queries: str,
+                       generation: GenerationConfig, tasks: list[GenerationTask]) -> dict:
+        """Write the generation job of ``tasks`` (the query set ``queries``) to ``job_path`` and run
+        it as its own processes (``megatron_sami.cli.generate``): one per node of the allocation,
+        each with one engine over its share of the shards, or one local process without srun.
+        They exit when done, so their GPU memory is free for the next phase. Shards already
+        written are kept; with every shard written nothing is launched.
+
+        Returns:
+            ``{"shards": count, "written_by": {node: shards}}``.
+
+        Raises:
+            Preempted: a signal stopped it (the written shards are kept).
+            PhaseError: it failed, or ended with shards missing.
+        """
+        job = GenerationJob(str(model_dir), str(self.dir / "queries" / f"{queries}.jsonl"), self.cfg.constitution_set,
+                            self.cfg.template, generation, tasks)
+        if job.missing_shards():
+            self.check_stop()
+            write_job(job_path, job)
+            nodes = self.cfg.launcher.num_nodes() if self.claimed else 1
+            self.launch(phase, "megatron_sami.cli.generate", [str(job_path), "--num-nodes", str(nodes)],
+                        distributed=False, per_node=self.claimed)
+        missing = job.missing_shards()
+        if missing:
+            raise PhaseError(f"phase {phase}: generation ended without {len(missing)} shard(s) (first: {missing[0]}); "
+                             f"rerun the same command to generate them.")
+        return {"shards": len(job.shards()), "written_by": shard_writers(job.shards())}
 
     def generate(self, t: int) -> dict:
         """Iteration t's records: the previous model answers each query under each of its C
-        constitutions, written in atomic shards (a rerun keeps finished shards)."""
+        constitutions, written in atomic shards by one engine per node (:meth:`run_generation`;
+        a rerun keeps finished shards)."""
         model_dir = self.model_hf(t - 1)
-        shards = generate_records(self.backend_factory(model_dir, self.cfg.generation), self.queries(f"iter{t}"),
-                                  self.cset, self.cfg.sampling, self.cfg.template, self.dir / f"iter{t}" / "generated",
-                                  self.cfg.generation.shard_size, self.cfg.seed + t, before_shard=self.check_stop)
-        return {"model": str(model_dir), "shards": len(shards)}
+        task = GenerationTask(str(self.dir / f"iter{t}" / "generated"), self.cfg.sampling, "sample", self.cfg.seed + t)
+        done = self.run_generation(f"iter{t}/generate", self.dir / f"iter{t}" / "generate-job.json", model_dir,
+                                   f"iter{t}", self.cfg.generation, [task])
+        return {"model": str(model_dir)} | done
 
     def filter(self, t: int) -> dict:
         """Filter iteration t's records into ``records.jsonl``.
@@ -539,6 +641,45 @@ class Run:
         return {"checkpoint": str(self.final_checkpoint(t)), "trained_from": str(source),
                 "last_step": json.loads(metrics[-1])}
 
+    def cleanup(self, t: int) -> dict:
+        """Remove what iteration t's finished training leaves that nothing reads again: its
+        checkpoints but the final one, and the final one's optimizer state
+        (:func:`~megatron_sami.iteration.pruning.prune_training_checkpoints`; crash-safe, a rerun
+        finishes it). Returns what was kept and removed, and the bytes freed."""
+        result = prune_training_checkpoints(self.train_dir(t) / "checkpoints")
+        logger.info("[iterate] iter%d: kept %s (weights only); removed %s (%.1f GB)", t, result["kept"],
+                    ", ".join(result["removed"]) or "nothing", result["freed_bytes"] / 1e9)
+        return result
+
+    def placement(self, distributed: bool, per_node: bool) -> dict:
+        """Where a launched command ran (``state.json``'s ``launched_layouts`` and summary.json's
+        ``layouts``): ``processes`` (None where the launcher prefix does not say) and ``layout``:
+        the training layout for a launched Megatron command (``sami-train``, ``sami-score``), the
+        generation engine for one per node, None for one local process (conversion, export)."""
+        if per_node:
+            generation = self.cfg.generation
+            return {"processes": self.cfg.launcher.num_nodes(), "layout": {
+                "engine": generation.backend, "tensor": generation.tensor_parallel if generation.backend == "vllm" else 1}}
+        if not distributed:
+            return {"processes": 1, "layout": None}
+        parallel = self.train_settings.parallel
+        return {"processes": self.cfg.launcher.num_processes(), "layout": {
+            "tensor": parallel.tensor, "pipeline": parallel.pipeline, "expert": parallel.expert,
+            "context": parallel.context}}
+
+    def measures(self, phase: str) -> dict:
+        """What a just-finished phase measured besides its wall time (``state.json``): the nodes of
+        the allocation, the tokens it processed (:func:`~megatron_sami.iteration.report.phase_tokens`)
+        and the seconds of each launched command (``launched_seconds``: ``{"score": s}``)."""
+        measured: dict = {"nodes": int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)}
+        tokens = phase_tokens(self.dir, phase)
+        if tokens:
+            measured["tokens"] = tokens
+        if self.launched_s:
+            measured["launched_seconds"] = {key: round(value, 1) for key, value in self.launched_s.items()}
+            measured["launched_layouts"] = dict(self.launched_layouts)
+        return measured
+
     def export(self, t: int) -> dict:
         """Export iteration t's final checkpoint to HF (``iterT/hf``) with ``sami-convert megatron-to-hf``."""
         args = ["megatron-to-hf", str(self.final_checkpoint(t)), str(self.model_hf(t)), "--overwrite"]
@@ -550,12 +691,19 @@ class Run:
 
     def evaluate(self, t: int) -> dict:
         """The MI estimates of iteration t's model (0: the base model) on the evaluation queries,
-        per principle split."""
+        per principle split; the greedy responses are generated first as their own processes
+        (:meth:`run_generation`), so that the scoring starts with every GPU free."""
         model_dir, generation = self.model_hf(t), self.eval_generation()
+
+        def shard_dir(split: str) -> Path:
+            return self.dir / "eval" / f"iter{t}-{split_label(split)}"
+
+        tasks = mi.generation_tasks(self.cset, self.cfg.evaluation.principles_per_query, shard_dir, self.cfg.seed)
+        generated = self.run_generation(f"iter{t}/evaluate", self.dir / "eval" / f"iter{t}-generate-job.json",
+                                        model_dir, "eval", generation, tasks)
         results = mi.evaluate_model(model_dir, self.queries("eval"), self.cset, self.cfg.template, generation,
-                                    self.cfg.evaluation.principles_per_query,
-                                    lambda split: self.dir / "eval" / f"iter{t}-{split_label(split)}",
-                                    self.cfg.seed, f"iteration {t}",
+                                    self.cfg.evaluation.principles_per_query, shard_dir, self.cfg.seed,
+                                    f"iteration {t}",
                                     backend_factory=self.backend_factory(model_dir, generation),
                                     before_shard=self.check_stop, scorer=self.scorer(t))
         for label, result in results.items():
@@ -563,7 +711,7 @@ class Run:
             logger.info("[iterate] iter%d MI (%s principles, %d queries): InfoNCE bound %.3f +- %.3f nats, paper "
                         "estimator %.2f +- %.2f nats", t, label, bound["n"], bound["mean"], bound["se"],
                         paper["mean"], paper["se"])
-        return {"mi": results}
+        return {"mi": results, "written_by": generated["written_by"]}
 
     def scorer(self, t: int) -> mi.Scorer | None:
         """How iteration t's evaluation records get their C x C matrices: ``sami-score`` on its
@@ -600,6 +748,11 @@ class Run:
         generation = self.eval_generation()
         if self.cfg.winrate.max_new_tokens:
             generation.max_new_tokens = self.cfg.winrate.max_new_tokens
+        out_dir = self.dir / "winrate" / "responses" / label
+        self.run_generation(f"iter{iteration}/winrate" if iteration is not None else f"winrate/{label}",
+                            out_dir / "generate-job.json", model_dir, "eval", generation,
+                            winrate.response_tasks(self.cset, self.cfg.winrate.principles_per_query, out_dir,
+                                                   self.cfg.seed))
         return winrate.generate_responses(model_dir, self.queries("eval"), self.cset, self.cfg.template, generation,
                                           self.cfg.winrate.principles_per_query,
                                           self.dir / "winrate" / "responses" / label, self.cfg.seed,
@@ -648,7 +801,8 @@ class Run:
         return {"run_dir": str(self.dir), "complete": complete, "constitutions": self.cset.name,
                 "estimators": {"info_nce_bound": "log C - InfoNCE loss from mean log-probs, capped at log C",
                                "paper_mi": "(1/C) sum_j [S[j,j] - mean_k S[k,j]] from summed log-probs (uncapped)"},
-                "iterations": rows}
+                "iterations": rows, "layouts": {name: result["launched_layouts"] for name, result in phases.items()
+                                                if "launched_layouts" in result}}
 
     def write_summary(self) -> None:
         """Write ``summary.json`` (atomically) and the MI and win-rate plots."""

@@ -20,11 +20,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_sami.device_budget import check_device_budget
 from megatron_sami.errors import ConfigError
-from megatron_sami.models.config import ModelConfig, PrecisionConfig, transformer_engine_import_error
+from megatron_sami.models.config import (
+    ModelConfig,
+    PrecisionConfig,
+    recompute_mode,
+    transformer_engine_import_error,
+)
+from megatron_sami.models.local_norm import local_decoder_spec
 from megatron_sami.runtime.layout import ParallelConfig
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# TransformerConfig keys per recompute mode (megatron-core 0.19: selective recomputes the modules of
+# its default recompute_modules, ["core_attn"]; full recomputes each layer from its input).
+_RECOMPUTE = {"none": {}, "selective": {"recompute_granularity": "selective"},
+              "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}}
 
 
 @dataclass(frozen=True)
@@ -95,10 +106,11 @@ def transformer_config(
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     backend: Backend,
-    recompute_activations: bool = False,
+    recompute_activations: str | bool = "none",
     initialize_weights: bool = True,
 ):
-    """The megatron-core ``TransformerConfig`` for one model under one layout.
+    """The megatron-core ``TransformerConfig`` for one model under one layout
+    (``recompute_activations``: one of :data:`~megatron_sami.models.config.RECOMPUTE_MODES`).
 
     Raises:
         ConfigError: FP8 without the Transformer Engine spec, or precision the hardware lacks.
@@ -109,8 +121,7 @@ def transformer_config(
     if precision.fp8 is not None and not backend.use_te:
         raise ConfigError("precision.fp8 needs the Transformer Engine layer spec (TE + CUDA); set precision.fp8=null.")
     dtype = _DTYPES[precision.params_dtype]
-    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
-        if recompute_activations else {}
+    recompute = _RECOMPUTE[recompute_mode(recompute_activations)]
     return TransformerConfig(
         **_architecture(model),
         **_kernels(model, backend),
@@ -230,6 +241,7 @@ def layer_spec(model: ModelConfig, backend: Backend):
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=model.num_experts, moe_grouped_gemm=backend.moe_grouped_gemm
         )
+    from megatron_sami.models.local_norm import SequenceParallelRMSNorm
     from megatron_sami.models.sdpa_attention import SDPAttention
 
     spec = specs.get_gpt_layer_local_spec(
@@ -237,6 +249,8 @@ def layer_spec(model: ModelConfig, backend: Backend):
     )
     # torch's fused attention instead of megatron's unfused local one (same math, see the module).
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    # torch's RMSNorm marked for sequence parallelism (megatron's wrapper refuses SP: see the module).
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     if model.is_moe:
         # The local map stores each norm under the name of the TE linear it is fused into. TE's
         # MoE layer keeps its pre-MLP norm as a module of its own (no linear_fc1 to fuse into:
@@ -253,7 +267,7 @@ def build_gpt_model(
     parallel: ParallelConfig,
     precision: PrecisionConfig,
     seq_length: int,
-    recompute_activations: bool = False,
+    recompute_activations: str | bool = "none",
     backend: Backend | None = None,
     initialize_weights: bool = True,
 ):
@@ -263,8 +277,8 @@ def build_gpt_model(
     ``seq_length`` is the longest sequence (tokens) the model will run on.
 
     Raises:
-        ConfigError: ``seq_length`` exceeds the model's positions; sequence parallelism or FP8
-            without Transformer Engine; precision the hardware lacks.
+        ConfigError: ``seq_length`` exceeds the model's positions; FP8 without Transformer
+            Engine; precision the hardware lacks.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -276,16 +290,15 @@ def build_gpt_model(
             f"({model.max_position_embeddings}); shorten the sequences."
         )
     # initialize_weights=False leaves the weights uninitialised (for loading or converting).
-    if parallel.sequence_parallel and not backend.use_te:
-        raise ConfigError(
-            "sequence parallelism needs Transformer Engine norms (GPU); the local layer spec's torch norms "
-            "do not support it: set parallel.sequence_parallel=false."
-        )
     config = transformer_config(model, parallel, precision, backend, recompute_activations, initialize_weights)
-    rope = model.rope_scaling
+    stages = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    allocates = torch.get_default_device().type != "meta"  # a meta build (conversion) holds no weights
+    if allocates:
+        check_parameter_budget(process_parameters(model, parallel, *stages), model, parallel)
+    rope, spec = model.rope_scaling, layer_spec(model, backend)
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(model, backend),
+        transformer_layer_spec=spec if backend.use_te else local_decoder_spec(spec, config),
         vocab_size=model.padded_vocab_size(),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -299,7 +312,41 @@ def build_gpt_model(
         parallel_output=True,
     )
     _cast_params(gpt, config.params_dtype)
+    if allocates:  # the built model too, in case a module escapes process_parameters' count
+        check_parameter_budget(sum(p.numel() for p in gpt.parameters() if not p.is_meta), model, parallel)
     return gpt
+
+
+def process_parameters(model: ModelConfig, parallel: ParallelConfig, first_stage: bool, last_stage: bool) -> int:
+    """The parameters one rank of ``parallel`` builds, counted from the config before anything is
+    allocated: its pipeline stage's ``L / PP`` layers (attention and MLP weights split over TP,
+    experts over EP and TP, norms and the router whole), the vocabulary-parallel embedding on the
+    first stage, the output layer (unless tied within one stage) and the final norm on the last.
+    Exact for both layer specs (``tests/test_device_budget.py`` compares it with built models);
+    the heaviest stage's count is :func:`megatron_sami.models.memory.stage_parameters`."""
+    h, t = model.hidden_size, parallel.tensor
+    attention = h * model.kv_channels * (2 * model.num_attention_heads + 2 * model.num_query_groups) // t
+    mlp = 3 * h * model.ffn_hidden_size // t
+    if model.is_moe:
+        mlp = model.num_experts // parallel.expert * mlp + h * model.num_experts  # experts + the router
+    layers = model.num_layers // parallel.pipeline * (attention + mlp + 2 * h)
+    vocab = model.padded_vocab_size() * h // t
+    output = vocab if not (model.tie_word_embeddings and first_stage) else 0
+    return layers + (vocab if first_stage else 0) + (output + h if last_stage else 0)
+
+
+def check_parameter_budget(num_params: int, model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Refuse to build ``num_params`` parameters (this rank's share) over the per-process device
+    budget (:mod:`megatron_sami.device_budget`), naming a larger model-parallel layout.
+
+    Raises:
+        DeviceBudgetError: above ``SAMI_DEVICE_BUDGET_PARAMS``.
+    """
+    t, p, e = parallel.tensor, parallel.pipeline, parallel.expert
+    more = [f"parallel.tensor={2 * t}", f"parallel.pipeline={2 * p}"] + \
+        ([f"parallel.expert={2 * e}"] if model.is_moe else [])
+    check_device_budget(num_params, f"this rank's part of {model.name} at TP={t}, PP={p}, EP={e}",
+                        f"shard the model over more processes (e.g. {' or '.join(more)}) or raise the budget")
 
 
 def _cast_params(gpt: torch.nn.Module, dtype: torch.dtype) -> None:

@@ -153,7 +153,7 @@ def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = None, seq_length: int = 1,
-                          recompute_activations: bool = False,
+                          recompute_activations: str | bool = "none",
                           precision: PrecisionConfig | None = None) -> tuple[ModelConfig, torch.nn.Module]:
     """Build the model of a checkpoint directory at a layout and load its weights (collective).
 
@@ -164,7 +164,7 @@ def load_checkpoint_model(ckpt_dir: Path, parallel, params_dtype: str | None = N
         params_dtype: "bf16", "fp32" or "fp16" (fp16: for reading weights, e.g. an export; not for
             training); default: the dtype the checkpoint was converted to.
         seq_length: the longest sequence (tokens) the model will run on.
-        recompute_activations: recompute each layer's activations in the backward pass.
+        recompute_activations: none, selective or full (models/config.py RECOMPUTE_MODES).
         precision: the whole precision config (FP8, its recipe), which then sets the dtype
             instead of ``params_dtype`` (training passes its ``precision``).
 

@@ -282,3 +282,24 @@ class PrecisionConfig:
                 f"{capability[0]}.{capability[1]}, CUDA {torch.version.cuda}): {refusal}; choose another "
                 "precision.fp8_recipe or set precision.fp8=null."
             )
+
+
+# Activation recomputation, cheapest in compute (and most memory) first; what each stores:
+# megatron_sami/models/memory.py. "selective" is megatron-core's recompute_granularity=selective
+# with its default recompute_modules ["core_attn"]; "full" recomputes every layer (uniform, 1 layer).
+RECOMPUTE_MODES = ("none", "selective", "full")
+
+
+def recompute_mode(value: str | bool) -> str:
+    """``recompute_activations`` as one of :data:`RECOMPUTE_MODES`; the booleans of older configs
+    and checkpoints read as ``full`` (true) and ``none`` (false).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    legacy = {"true": "full", "false": "none"}
+    mode = legacy.get(str(value).lower(), str(value))
+    if mode not in RECOMPUTE_MODES:
+        raise ConfigError(f"recompute_activations '{value}' is unknown; use one of {', '.join(RECOMPUTE_MODES)} "
+                          "(megatron_sami/models/memory.py says which fits).")
+    return mode

@@ -99,27 +99,79 @@ def output_layer_at(gpt: torch.nn.Module, index_M: torch.Tensor, seq_length: int
     Args:
         gpt: the bare ``GPTModel`` (see :func:`megatron_sami.models.checkpoint.unwrap`) of the
             last pipeline stage.
-        index_M: [M] int64 flat indices into the model's [N, T] token positions (repeats allowed).
+        index_M: [M] int64 flat indices into the model's [N, T] token positions (repeats allowed),
+            the same on every TP rank.
         seq_length: T, the length of the sequences the model runs on.
 
     The output layer gets them as a [M, 1, hidden] batch, so the model returns their logits as
-    [1, M, V_local]. Depends on ``GPTModel.output_layer`` taking the [T, N, hidden] hidden states
-    as its first argument (megatron-core 0.19.x).
+    [1, M, V_local], with or without sequence parallelism (:func:`_select_sequence_parallel`).
+    Depends on ``GPTModel.output_layer`` (a ``ColumnParallelLinear``; Transformer Engine's LM head
+    only with ``fp8_output_proj``, never set here) taking the [T, N, hidden] hidden states,
+    [T / TP, N, hidden] under sequence parallelism, as its first argument and reading its
+    ``sequence_parallel`` attribute at each call (megatron-core 0.19.x).
     """
+    layer = gpt.output_layer
+    sharded = bool(layer.sequence_parallel)
 
     def select(module, args, kwargs):
         hidden_TNH = args[0] if args else kwargs.pop("input_")
-        batch = hidden_TNH.shape[1]
-        # Row n*T + t of [N, T] is row t*N + n of the [T, N] hidden states (no transposed copy).
-        rows_M = (index_M % seq_length) * batch + index_M // seq_length
-        chosen_M1H = hidden_TNH.reshape(-1, hidden_TNH.shape[-1])[rows_M].unsqueeze(1)
+        if sharded:
+            chosen_M1H = _select_sequence_parallel(hidden_TNH, index_M, seq_length, layer.tp_group)
+            # The selected rows are whole on every rank now: the layer must not gather them again
+            # (megatron-core's own GPTModel._postprocess turns the flag off the same way when it
+            # keeps only the last token in inference). Its backward then all-reduces the input
+            # gradient over TP, as without sequence parallelism.
+            module.sequence_parallel = False
+        else:
+            batch = hidden_TNH.shape[1]
+            # Row n*T + t of [N, T] is row t*N + n of the [T, N] hidden states (no transposed copy).
+            rows_M = (index_M % seq_length) * batch + index_M // seq_length
+            chosen_M1H = hidden_TNH.reshape(-1, hidden_TNH.shape[-1])[rows_M].unsqueeze(1)
         return (chosen_M1H, *args[1:]), kwargs
 
-    handle = gpt.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    def restore(module, args, output):
+        module.sequence_parallel = sharded
+
+    handles = [layer.register_forward_pre_hook(select, with_kwargs=True), layer.register_forward_hook(restore)]
     try:
         yield
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        layer.sequence_parallel = sharded
+
+
+def _select_sequence_parallel(hidden_TNH: torch.Tensor, index_M: torch.Tensor, seq_length: int,
+                              group) -> torch.Tensor:
+    """The rows ``index_M`` (flat indices into [N, T]) of hidden states sharded along the sequence
+    over the TP group (this rank holds positions ``rank * T/TP`` to ``(rank + 1) * T/TP - 1`` of
+    every sequence, as [T/TP, N, hidden]), whole on every rank, as [M, 1, hidden].
+
+    Each rank fills the rows it holds into an [M, hidden] tensor of zeros, and an all-reduce (sum)
+    over TP assembles them: adding zeros is exact, so the rows are bit-for-bit those of the
+    gathered sequence. megatron-core's ``reduce_from_tensor_model_parallel_region`` does the sum
+    and passes the gradient through unchanged in backward, which is right because the output
+    layer's backward has already summed the input gradient over TP (all ranks hold the same);
+    each rank's ``torch.where`` then keeps the gradient of its own rows only. The alternative,
+    gathering the whole sequence (``gather_from_sequence_parallel_region``: all-gather forward,
+    reduce-scatter backward) and selecting after, moves and holds [T, N, hidden] per rank in
+    forward and backward; this moves and holds [M, hidden], M the scored tokens. An all-gather of
+    each rank's own rows would move half as much, but the ranks hold unequal numbers of them
+    (responses sit late in each sequence), and megatron-core gathers equal shapes only: padded to
+    the busiest rank, the output layer would run on up to TP x M rows.
+    """
+    from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+    local_T, batch, hidden = hidden_TNH.shape
+    rank = torch.distributed.get_rank(group)
+    t_M, n_M = index_M % seq_length, index_M // seq_length
+    mine_M = t_M // local_T == rank
+    # Rows of other ranks point at row 0 here and are replaced by zeros below.
+    rows_M = torch.where(mine_M, (t_M - rank * local_T) * batch + n_M, 0)
+    picked_MH = hidden_TNH.reshape(-1, hidden)[rows_M]
+    chosen_MH = torch.where(mine_M.unsqueeze(1), picked_MH, torch.zeros((), dtype=picked_MH.dtype,
+                                                                         device=picked_MH.device))
+    return reduce_from_tensor_model_parallel_region(chosen_MH, group=group).unsqueeze(1)
 
 
 @contextlib.contextmanager

@@ -39,9 +39,17 @@ arXiv:1910.02054, Megatron-LM's distributed-optimizer notes for the per-paramete
 
   so a layer stores ``sbh (8 + (4 + 4g/a + 6f/h [+ 2as/h]) / TP)`` without sequence parallelism
   (the norms' and block inputs' 8 sbh are replicated over TP, the rest split) and ``sbh (...) / TP``
-  with it (the paper's ``sbh (10 + 24/t + 5as/(ht))`` and ``sbh/t (34 + 5as/h)``). Full activation
-  recomputation keeps only each layer's input, ``2 sbh`` (/ TP with SP), plus one layer's full
-  activations while it is recomputed. ``s`` is divided by CP;
+  with it (the paper's ``sbh (10 + 24/t + 5as/(ht))`` and ``sbh/t (34 + 5as/h)``). ``s`` is divided
+  by CP. Recomputation (``recompute_activations``, cheapest first, :data:`RECOMPUTE_MODES`):
+
+  * ``none``: the above;
+  * ``selective`` (the paper's selective recomputation, megatron-core's
+    ``recompute_granularity=selective`` with its default ``recompute_modules=["core_attn"]``): the
+    core attention is recomputed, so the ``2as/h`` score term is not stored. With a flash / fused
+    attention (``attention_scores=False``, every GPU lane here) that term is already 0: selective
+    then stores as much as ``none`` and costs a little compute;
+  * ``full`` (``recompute_granularity=full``, uniform, one layer): only each layer's input,
+    ``2 sbh`` (/ TP with SP), plus one layer's full activations while it is recomputed;
 - pipeline: the first stage holds the activations of ``min(PP, m)`` microbatches in flight
   (1F1B; ``m`` microbatches per step), the last stage one, and the logits: ``s b V / TP`` at 2 bytes
   plus their fp32 log-softmax at 4 (``6 sbV/TP``).
@@ -54,8 +62,11 @@ of that, the bf16 weights ``2 N / TP`` and the KV cache ``2 (K, V) x L x ceil(g 
 per token. It fits when the weights and one ``max_model_len``-token sequence of KV cache fit;
 the estimate reports how many such sequences the cache holds.
 
-**Scoring** (MI through Megatron at the training layout, forward only): the weights and one
-microbatch's largest layer and logits.
+**Scoring** (the MI evaluation, :class:`ScoringSetup`): through Megatron at the training layout,
+forward only, the weights and one microbatch's largest layer and logits, a microbatch holding
+``queries_per_microbatch x C x C`` sequences with the evaluation's ``C = 2**principles_per_query``
+(4 by default, where training's C is usually 2); with ``evaluation.scorer=hf`` the whole model in
+fp32 (``4 N`` bytes) on one GPU.
 
 A phase fits when its estimate is at most its budget: the whole GPU (``gpu_memory_gb`` GiB) for
 training and scoring, vLLM's share for generation. The estimate is an upper bound (every sequence at
@@ -68,6 +79,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
+from megatron_sami.models.config import RECOMPUTE_MODES  # none | selective | full, cheapest first
 
 GIB = 1024**3
 TIGHT_FRACTION = 0.9  # above this share of its budget a phase is flagged: context, NCCL, fragmentation
@@ -99,7 +112,7 @@ class TrainingSetup:
     optimizer: str = "adam"  # adam (AdamW) | rmsprop | sgd
     distributed_optimizer: bool = True
     momentum: bool = False  # RMSprop/SGD momentum buffer
-    recompute: bool = False  # full activation recomputation, one layer at a time
+    recompute: str = "none"  # none | selective | full (RECOMPUTE_MODES; the module docstring)
     seq_length: int = 1024  # tokens per sequence
     microbatch_sequences: int = 4  # sequences per microbatch (queries_per_microbatch x C x C)
     num_microbatches: int = 1  # per data-parallel rank per step
@@ -174,33 +187,42 @@ def korthikanti_layer_bytes(s: int, b: int, h: int, a: int, tensor: int = 1, seq
 
 
 def layer_activation_bytes(model, layout: Layout, setup: TrainingSetup) -> float:
-    """Activation bytes one layer stores for one microbatch (the adapted formula of the module
-    docstring; ``model`` is a :class:`~megatron_sami.models.config.ModelConfig`)."""
+    """Activation bytes one layer stores for one microbatch at ``setup.recompute`` (the adapted
+    formula of the module docstring; ``model`` is a :class:`~megatron_sami.models.config.ModelConfig`).
+
+    Raises:
+        ValueError: an unknown recompute mode.
+    """
+    if setup.recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"unknown recompute mode {setup.recompute!r}; use one of {', '.join(RECOMPUTE_MODES)}")
     s, b, h = setup.seq_length / layout.context, setup.microbatch_sequences, model.hidden_size
     a, g, f = model.num_attention_heads, model.num_query_groups, model.ffn_hidden_size
     sbh, t = s * b * h, layout.tensor
-    if setup.recompute:
+    if setup.recompute == "full":
         return 2 * sbh / (t if layout.sequence_parallel else 1)
     topk = model.moe_router_topk if model.is_moe else 1
     mlp_split = topk * 6 * f / h
     replicated = 4 + 2 + 2 * topk  # norm inputs, attention input, MLP input (k permuted copies)
-    split = 4 + 4 * g / a + mlp_split + (2 * a * s / h if setup.attention_scores else 0)
+    scores = 2 * a * s / h if setup.attention_scores and setup.recompute == "none" else 0
+    split = 4 + 4 * g / a + mlp_split + scores
     if layout.sequence_parallel:
         return sbh * (replicated + split) / t
     return sbh * (replicated + split / t)
 
 
 def stage_parameters(model, layout: Layout) -> tuple[float, float]:
-    """(dense, expert) parameters on one GPU of the heaviest pipeline stage."""
+    """(dense, expert) parameters on one GPU of the heaviest pipeline stage. With TP above the KV
+    groups each rank holds one replicated KV group (megatron-core 0.19 ``attention.py``)."""
     h, t = model.hidden_size, layout.tensor
-    attention = h * model.kv_channels * (2 * model.num_attention_heads + 2 * model.num_query_groups)
+    kv_groups = max(model.num_query_groups / t, 1)
+    attention = h * model.kv_channels * (2 * model.num_attention_heads / t + 2 * kv_groups)
     mlp = 3 * h * model.ffn_hidden_size
     layers = math.ceil(model.num_layers / layout.pipeline)
     if model.is_moe:
-        dense_layer, expert_layer = attention / t + 2 * h + h * model.num_experts, \
+        dense_layer, expert_layer = attention + 2 * h + h * model.num_experts, \
             model.num_experts * mlp / (layout.expert * t)
     else:
-        dense_layer, expert_layer = (attention + mlp) / t + 2 * h, 0.0
+        dense_layer, expert_layer = attention + mlp / t + 2 * h, 0.0
     vocab = model.padded_vocab_size() * h / t
     output = 0.0 if model.tie_word_embeddings and layout.pipeline == 1 else vocab
     first = vocab + (output + h if layout.pipeline == 1 else 0)
@@ -208,41 +230,74 @@ def stage_parameters(model, layout: Layout) -> tuple[float, float]:
     return layers * dense_layer + max(first, last), layers * expert_layer
 
 
+def optimizer_shards(layout: Layout) -> tuple[int, int]:
+    """Ranks over which the distributed optimizer shards (dense, expert) parameters' state:
+    megatron-core's data-parallel group with context parallelism (DP x CP), and the
+    expert-data-parallel group ``TP x CP x DP / (expert TP x EP)`` (expert TP = TP). A layout
+    with DP = 1 shards nothing: the distributed optimizer then holds what the plain one does."""
+    return layout.data * layout.context, max(1, layout.context * layout.data // layout.expert)
+
+
 def training_memory(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float) -> PhaseMemory:
     """The training phase's estimate on the heaviest GPU (see the module docstring)."""
     dense, expert = stage_parameters(model, layout)
-    expert_data = max(1, layout.world_size // (layout.tensor * layout.expert * layout.pipeline))
+    dense_shards, expert_shards = optimizer_shards(layout)
     weight, grad, state = bytes_per_parameter(setup.params_dtype, setup.optimizer, setup.distributed_optimizer,
-                                              layout.data * layout.context, setup.momentum, setup.grad_bytes)
+                                              dense_shards, setup.momentum, setup.grad_bytes)
     _, _, expert_state = bytes_per_parameter(setup.params_dtype, setup.optimizer, setup.distributed_optimizer,
-                                             expert_data, setup.momentum, setup.grad_bytes)
+                                             expert_shards, setup.momentum, setup.grad_bytes)
     layers = math.ceil(model.num_layers / layout.pipeline)
     per_layer = layer_activation_bytes(model, layout, setup)
     in_flight = min(layout.pipeline, setup.num_microbatches)
     stored = layers * per_layer * in_flight
-    if setup.recompute:  # one layer's full activations while it is recomputed
-        stored += layer_activation_bytes(model, layout, replace(setup, recompute=False))
+    if setup.recompute == "full":  # one layer's full activations while it is recomputed
+        stored += layer_activation_bytes(model, layout, replace(setup, recompute="none"))
     tokens = setup.seq_length / layout.context * setup.microbatch_sequences
     logits = 6 * tokens * model.padded_vocab_size() / layout.tensor
     activations = stored + logits if layout.pipeline == 1 else max(stored, layers * per_layer + logits)
-    optimizer = ("distributed " if setup.distributed_optimizer else "") + setup.optimizer
+    sharded = setup.distributed_optimizer and setup.optimizer == "adam" and dense_shards > 1
+    optimizer = ("distributed " if sharded else "") + setup.optimizer
     return PhaseMemory("train", weights=(dense + expert) * weight, gradients=(dense + expert) * grad,
                        optimizer=dense * state + expert * expert_state, activations=activations,
                        budget=gpu_memory_gb * GIB,
                        note=f"{(dense + expert) / 1e9:.2f} B params/GPU, {setup.params_dtype}, {optimizer}, "
-                            f"{'recompute' if setup.recompute else 'no recompute'}, {in_flight} microbatch(es) "
+                            f"recompute {setup.recompute}, {in_flight} microbatch(es) "
                             f"of {setup.microbatch_sequences} x {setup.seq_length} in flight")
 
 
-def scoring_memory(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float) -> PhaseMemory:
-    """MI scoring through Megatron at the training layout: weights, one layer's activations, logits."""
+@dataclass(frozen=True)
+class ScoringSetup:
+    """The MI evaluation's scoring: ``queries_per_microbatch x C x C`` sequences per microbatch with
+    C = 2**principles_per_query (evaluation.principles_per_query, not training's C), of at most
+    ``seq_length`` tokens; ``scorer`` megatron (sami-score at the training layout) or hf
+    (transformers, the whole model in fp32 on one GPU of the driver's node)."""
+
+    microbatch_sequences: int = 16
+    seq_length: int = 1024
+    scorer: str = "megatron"
+
+
+def scoring_memory(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float,
+                   scoring: ScoringSetup | None = None) -> PhaseMemory:
+    """MI scoring: through Megatron at the training layout (weights in the training dtype, one
+    layer's activations and the logits of one microbatch of ``scoring``'s shape), or with hf: the
+    fp32 weights of the whole model and one sequence's fp32 logits and log-softmax on one GPU.
+    ``scoring`` None: the training microbatch's shape."""
+    scoring = scoring or ScoringSetup(setup.microbatch_sequences, setup.seq_length)
+    budget = gpu_memory_gb * GIB
+    if scoring.scorer == "hf":
+        return PhaseMemory("score", weights=4 * model.num_parameters(),
+                           activations=8 * scoring.seq_length * model.padded_vocab_size(), budget=budget,
+                           note="evaluation.scorer=hf: the whole model in fp32 on one GPU")
     dense, expert = stage_parameters(model, layout)
     weight = 4 if setup.params_dtype == "fp32" else 2
-    tokens = setup.seq_length / layout.context * setup.microbatch_sequences
-    activations = layer_activation_bytes(model, layout, replace(setup, recompute=False)) \
-        + 6 * tokens * model.padded_vocab_size() / layout.tensor
-    return PhaseMemory("score", weights=(dense + expert) * weight, activations=activations,
-                       budget=gpu_memory_gb * GIB, note="forward only, training layout")
+    shape = replace(setup, recompute="none", microbatch_sequences=scoring.microbatch_sequences,
+                    seq_length=scoring.seq_length)
+    tokens = shape.seq_length / layout.context * shape.microbatch_sequences
+    activations = layer_activation_bytes(model, layout, shape) + 6 * tokens * model.padded_vocab_size() / layout.tensor
+    return PhaseMemory("score", weights=(dense + expert) * weight, activations=activations, budget=budget,
+                       note=f"forward only, training layout, microbatches of {scoring.microbatch_sequences} x "
+                            f"{scoring.seq_length}")
 
 
 def kv_bytes_per_token(model, tensor_parallel: int) -> float:
@@ -266,37 +321,80 @@ def generation_memory(model, generation: GenerationSetup, gpu_memory_gb: float) 
 
 
 def estimate(model, layout: Layout, setup: TrainingSetup, generation: GenerationSetup | None,
-             gpu_memory_gb: float) -> list[PhaseMemory]:
-    """Every phase's estimate: training, scoring, and generation when it runs on vLLM."""
-    phases = [training_memory(model, layout, setup, gpu_memory_gb), scoring_memory(model, layout, setup, gpu_memory_gb)]
+             gpu_memory_gb: float, scoring: ScoringSetup | None = None) -> list[PhaseMemory]:
+    """Every phase's estimate: training, MI scoring when ``scoring`` is given (the evaluation's
+    shape), and generation when it runs on vLLM."""
+    phases = [training_memory(model, layout, setup, gpu_memory_gb)]
+    if scoring is not None:
+        phases.append(scoring_memory(model, layout, setup, gpu_memory_gb, scoring))
     if generation is not None:
         phases.append(generation_memory(model, generation, gpu_memory_gb))
     return phases
 
 
-def _layout_ok(model, layout: Layout) -> bool:
-    return (model.num_attention_heads % layout.tensor == 0 and model.num_query_groups % layout.tensor == 0
-            and model.num_layers % layout.pipeline == 0 and layout.data >= 1
-            and (not model.is_moe or model.num_experts % layout.expert == 0))
+def layout_ok(model, layout: Layout) -> bool:
+    """Whether megatron-core can build ``model`` at ``layout`` (the rules of
+    :meth:`megatron_sami.runtime.layout.ParallelConfig.validate` that a fix can break)."""
+    t, g = layout.tensor, model.num_query_groups
+    return (model.num_attention_heads % t == 0 and (g % t == 0 or t % g == 0)
+            and model.padded_vocab_size() % t == 0 and model.num_layers % layout.pipeline == 0
+            and layout.data >= 1 and (not model.is_moe or model.num_experts % layout.expert == 0)
+            and (not model.is_moe or t == 1 or layout.sequence_parallel)
+            and (layout.context * layout.data) % layout.expert == 0)
 
 
-def training_fixes(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float) -> list[str]:
-    """Single changes (at the same world size) after which training fits, cheapest first."""
+def cheapest_recompute(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float) -> str | None:
+    """The cheapest recompute mode (:data:`RECOMPUTE_MODES`) at which training fits, or None."""
+    return next((mode for mode in RECOMPUTE_MODES
+                 if training_memory(model, layout, replace(setup, recompute=mode), gpu_memory_gb).fits), None)
+
+
+def training_fixes(model, layout: Layout, setup: TrainingSetup, gpu_memory_gb: float,
+                   prefix: str = "train.") -> list[str]:
+    """Single changes after which training fits, cheapest first, each as the exact overrides to
+    type (``prefix`` ``train.`` for sami-iterate, empty for sami-train): a more memory-saving
+    recompute mode, the distributed optimizer, then TP or PP taken from DP at the same world size
+    (each rank then runs more microbatches), then, where that is not enough (always at DP = 1),
+    PP or TP multiplied with as many times the GPUs (``... on N GPUs``: more nodes), with more
+    recomputation if that alone is not enough. A change that does not lower the estimate is not
+    listed."""
     candidates: list[tuple[str, Layout, TrainingSetup]] = []
-    if not setup.recompute:
-        candidates.append(("train.recompute_activations=true", layout, replace(setup, recompute=True)))
+    for mode in RECOMPUTE_MODES[RECOMPUTE_MODES.index(setup.recompute) + 1:]:
+        candidates.append((f"{prefix}recompute_activations={mode}", layout, replace(setup, recompute=mode)))
     if setup.optimizer == "adam" and not setup.distributed_optimizer:
-        candidates.append(("train.optimizer.use_distributed_optimizer=true", layout,
+        candidates.append((f"{prefix}optimizer.use_distributed_optimizer=true", layout,
                            replace(setup, distributed_optimizer=True)))
     if setup.optimizer == "rmsprop":
-        candidates.append(("train.optimizer.name=adam with use_distributed_optimizer=true", layout,
-                           replace(setup, optimizer="adam", distributed_optimizer=True)))
+        candidates.append((f"{prefix}optimizer.name=adam {prefix}optimizer.use_distributed_optimizer=true", layout,
+                           replace(setup, optimizer="adam", distributed_optimizer=True, momentum=False)))
     for factor in (2, 4, 8):
         if layout.data % factor == 0:
-            for name, changed in (("TP", replace(layout, tensor=layout.tensor * factor, data=layout.data // factor)),
-                                  ("PP", replace(layout, pipeline=layout.pipeline * factor,
-                                                 data=layout.data // factor))):
-                size = changed.tensor if name == "TP" else changed.pipeline
-                candidates.append((f"{name} {size}", changed, setup))
-    return [name for name, changed, changed_setup in candidates
-            if _layout_ok(model, changed) and training_memory(model, changed, changed_setup, gpu_memory_gb).fits]
+            more = replace(setup, num_microbatches=setup.num_microbatches * factor)
+            candidates += [(f"{prefix}parallel.tensor={layout.tensor * factor}",
+                            replace(layout, tensor=layout.tensor * factor, data=layout.data // factor), more),
+                           (f"{prefix}parallel.pipeline={layout.pipeline * factor}",
+                            replace(layout, pipeline=layout.pipeline * factor, data=layout.data // factor), more)]
+    current = training_memory(model, layout, setup, gpu_memory_gb).total
+    fits = [name for name, changed, changed_setup in candidates if layout_ok(model, changed)
+            and _helps(training_memory(model, changed, changed_setup, gpu_memory_gb), current)]
+    if fits:
+        return fits
+    modes = RECOMPUTE_MODES[RECOMPUTE_MODES.index(setup.recompute):]
+    for factor, mode in ((factor, mode) for factor in (2, 4, 8) for mode in modes):
+        world, recompute = layout.world_size * factor, replace(setup, recompute=mode)
+        also = "" if mode == setup.recompute else f"{prefix}recompute_activations={mode} "
+        grown = [(f"{also}{prefix}parallel.pipeline={layout.pipeline * factor} on {world} GPUs",
+                  replace(layout, pipeline=layout.pipeline * factor)),
+                 (f"{also}{prefix}parallel.tensor={layout.tensor * factor} on {world} GPUs",
+                  replace(layout, tensor=layout.tensor * factor))]
+        fits += [name for name, changed in grown if layout_ok(model, changed)
+                 and _helps(training_memory(model, changed, recompute, gpu_memory_gb), current)]
+        if fits:
+            return fits
+    return []
+
+
+def _helps(changed: PhaseMemory, current_total: float) -> bool:
+    """A change is a fix when training then fits and needs less than now (``selective`` stores as
+    much as ``none`` with a fused attention: no fix)."""
+    return changed.fits and changed.total < current_total

@@ -252,3 +252,14 @@ def validate_sampling(cset: ConstitutionSet, config: SamplingConfig) -> None:
         raise ConfigError(f"num_constitutions={config.num_constitutions} is larger than the constitutions allow: "
                           f"{count} principle(s) per query give at most {max_constitutions(count)} distinct "
                           f"constitutions; lower num_constitutions or raise principles_per_query.")
+
+
+def positive_constitution(cset: ConstitutionSet, config: SamplingConfig, rng: random.Random) -> QueryConstitutions:
+    """The query's principles (drawn as the MI evaluation draws them), every one positive: the
+    win-rate evaluation's one constitution per query.
+
+    Raises:
+        ConfigError: as :func:`choose_principles`.
+    """
+    principles = choose_principles(cset, config, rng)
+    return QueryConstitutions([render(principles, (True,) * len(principles))])

@@ -45,18 +45,29 @@ class ModelShape(Protocol):
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel sizes; the data-parallel size is what the world size leaves over."""
+    """Model-parallel sizes; the data-parallel size is what the world size leaves over.
+
+    ``sequence_parallel`` (Korthikanti et al. 2022, arXiv:2205.05198) splits the norms', residual
+    stream's and dropout's activations along the sequence over the TP ranks instead of holding
+    them whole on each, the same math for 1/TP of that memory. It is on by default wherever
+    TP > 1 (``None`` becomes ``tensor > 1``): both layer specs support it, the SAMI step still
+    computes logits at the scored positions only, and the trainer and the scorer pad sequences
+    to a multiple of TP. Set it to false to turn it off (dense models only: megatron-core trains
+    MoE under TP only with it).
+    """
 
     tensor: int = 1
     pipeline: int = 1
     expert: int = 1
     context: int = 1
-    sequence_parallel: bool = False
+    sequence_parallel: bool | None = None  # None: on when tensor > 1
 
     def __post_init__(self) -> None:
         for name in ("tensor", "pipeline", "expert", "context"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.sequence_parallel is None:
+            self.sequence_parallel = self.tensor > 1
         if self.sequence_parallel and self.tensor == 1:
             raise LayoutError("parallel.sequence_parallel needs parallel.tensor > 1; set it to false or raise TP.")
 
@@ -141,7 +152,7 @@ class ParallelConfig:
         if self.sequence_parallel and seq_length % self.tensor != 0:
             raise LayoutError(
                 f"sequence length {seq_length} must be divisible by TP={self.tensor} with sequence parallelism; "
-                "pad the sequences to a multiple of TP."
+                "set data.seq_length to a multiple of TP (or parallel.sequence_parallel=false)."
             )
         if self.context > 1 and seq_length % (2 * self.context) != 0:
             raise LayoutError(

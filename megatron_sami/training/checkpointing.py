@@ -96,7 +96,8 @@ def load_model_and_optimizer(ddp_model: torch.nn.Module, optimizer, weights_dir:
     optimizer must be built at the saved TP/PP/EP (the data-parallel size may differ; the caller
     checks the layout). Its fp32 main copies are reloaded from the loaded weights, its lazily
     created state is materialised, then filled in place. The update count (torch's per-parameter
-    ``step``) is not restored here: see :func:`~megatron_sami.training.engine.set_optimizer_step_count`.
+    ``step``, TE FusedAdam's per-group one) is not restored here: see
+    :func:`~megatron_sami.training.engine.set_optimizer_step_count`.
 
     Raises:
         CheckpointError: the weights do not fit the model (from :func:`load_model`).

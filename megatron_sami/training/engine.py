@@ -43,6 +43,13 @@ class OptimizerSettings:
     # dp_reshardable (each rank writes its shard; a resume may change DP only) or fully_reshardable
     # (gathered into model space; a resume may change TP, PP, EP and DP).
     checkpoint_format: str = "dp_reshardable"
+    # megatron-core DDP's communication overlapped with compute; null: on where CUDA (NCCL) is used,
+    # off on CPU (gloo: one reduction after backward). overlap_grad_reduce: each gradient bucket is
+    # reduced as soon as backward has filled it. overlap_param_gather (distributed optimizer only):
+    # the updated parameters are all-gathered bucket by bucket during the next forward pass, not
+    # after the optimizer step (the trainer gathers them before a checkpoint reads them).
+    overlap_grad_reduce: bool | None = None
+    overlap_param_gather: bool | None = None
 
     def __post_init__(self) -> None:
         if self.name not in ("adam", "rmsprop", "sgd"):
@@ -56,44 +63,72 @@ class OptimizerSettings:
             # megatron-core's distributed optimizer shards and checkpoints Adam-shaped state only.
             raise ConfigError("optimizer.name=rmsprop needs optimizer.use_distributed_optimizer=false (megatron-core's "
                               "distributed optimizer only checkpoints Adam-style state).")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("optimizer.overlap_param_gather=true needs optimizer.use_distributed_optimizer=true (only "
+                              "the distributed optimizer gathers parameters); set one of them, or leave "
+                              "overlap_param_gather null.")
+        if self.overlap_param_gather and self.overlap_grad_reduce is False:
+            # Megatron-LM's own rule (arguments.py): the gather is scheduled around the overlapped reduction.
+            raise ConfigError("optimizer.overlap_param_gather=true needs optimizer.overlap_grad_reduce=true (as "
+                              "Megatron-LM requires); set one of them, or leave them null.")
+
+    def overlap(self, on_gpu: bool) -> tuple[bool, bool]:
+        """(overlap_grad_reduce, overlap_param_gather) as resolved for a run with or without CUDA:
+        a null ``overlap_grad_reduce`` is ``on_gpu`` (or true when the gather is set on); a null
+        ``overlap_param_gather`` is on with CUDA, the distributed optimizer and the overlapped
+        reduction."""
+        grad = self.overlap_grad_reduce
+        if grad is None:
+            grad = on_gpu or bool(self.overlap_param_gather)
+        param = self.overlap_param_gather
+        if param is None:
+            param = on_gpu and self.use_distributed_optimizer and grad
+        return grad, param
 
 
-def ddp_config(use_distributed_optimizer: bool, overlap_grad_reduce: bool | None = None,
-               overlap_param_gather: bool = False):
-    """megatron-core's ``DistributedDataParallelConfig``: FP32 gradient buffers, and the gradient
-    reduction overlapped with the backward pass (bucket by bucket, as gradients become ready)
-    by default on GPUs; on CPU (gloo) one reduction after backward.
+def ddp_config(settings: OptimizerSettings, on_gpu: bool | None = None):
+    """megatron-core's ``DistributedDataParallelConfig`` for ``settings``: FP32 gradient buffers,
+    the distributed optimizer if set, and the overlap of :meth:`OptimizerSettings.overlap`
+    (``on_gpu`` None: whether CUDA is available).
 
-    ``overlap_param_gather`` (distributed optimizer only) leaves the updated parameters to be
-    all-gathered by the next forward pass; whoever reads the weights before that (a checkpoint
-    save, scoring) must first call ``ddp_model.start_param_sync(force_sync=True)``, which the
-    trainer does not do yet, so it is off by default.
-
-    Raises:
-        ConfigError: ``overlap_param_gather`` without the distributed optimizer.
+    With ``overlap_param_gather`` the parameters are current only after the next forward pass
+    began gathering them; whoever reads them before (a checkpoint save) first calls
+    :func:`gather_parameters`.
     """
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    if overlap_param_gather and not use_distributed_optimizer:
-        raise ConfigError("overlap_param_gather needs the distributed optimizer; set "
-                          "optimizer.use_distributed_optimizer=true or turn the overlap off.")
-    if overlap_grad_reduce is None:
-        overlap_grad_reduce = torch.cuda.is_available()
+    grad, param = settings.overlap(torch.cuda.is_available() if on_gpu is None else on_gpu)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=overlap_grad_reduce,
-        overlap_param_gather=overlap_param_gather,
-        use_distributed_optimizer=use_distributed_optimizer,
+        overlap_grad_reduce=grad,
+        overlap_param_gather=param,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
     )
 
 
-def wrap_ddp(model: torch.nn.Module, use_distributed_optimizer: bool, overlap_grad_reduce: bool | None = None,
-             overlap_param_gather: bool = False) -> torch.nn.Module:
-    """Wrap a GPTModel in megatron-core DDP (see :func:`ddp_config` for the overlap settings)."""
+def wrap_ddp(model: torch.nn.Module, settings: OptimizerSettings | bool | None = None, *,
+             use_distributed_optimizer: bool | None = None) -> torch.nn.Module:
+    """Wrap a GPTModel in megatron-core DDP configured by :func:`ddp_config` from ``settings``
+    (the trainer's ``optimizer``); a bool (or ``use_distributed_optimizer``) stands for settings
+    with that distributed-optimizer flag and every other key at its default."""
     from megatron.core.distributed import DistributedDataParallel
 
-    config = ddp_config(use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather)
-    return DistributedDataParallel(config=model.config, ddp_config=config, module=model)
+    if not isinstance(settings, OptimizerSettings):
+        flag = settings if use_distributed_optimizer is None else use_distributed_optimizer
+        settings = OptimizerSettings(use_distributed_optimizer=bool(flag))
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config(settings), module=model)
+
+
+def gather_parameters(ddp_model: torch.nn.Module) -> None:
+    """Finish the parameter all-gather that ``overlap_param_gather`` leaves to the next forward
+    pass, so that the weights are current before a checkpoint save reads them (collective over
+    the data-parallel group; nothing to do without the overlap). What Megatron-LM's loop does
+    before saving (``disable_forward_pre_hook(param_sync=True)``); the next step's gradient
+    reduction marks the buckets for gathering again (megatron-core 0.19 ``finish_grad_sync``)."""
+    if getattr(ddp_model, "ddp_config", None) is None or not ddp_model.ddp_config.overlap_param_gather:
+        return
+    with torch.no_grad():
+        ddp_model.start_param_sync(force_sync=True)
 
 
 def build_optimizer(ddp_model: torch.nn.Module, settings: OptimizerSettings):
@@ -182,18 +217,41 @@ def _init_distributed_optimizer_state(inner) -> bool:
     return True
 
 
-def _adam_states(optimizer):
+def _torch_optimizers(optimizer):
+    """The torch optimizers inside megatron-core's (chained) optimizer."""
     for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
-        yield from inner.optimizer.state.values()
+        yield inner.optimizer
+
+
+def counts_per_group(torch_optimizer) -> bool:
+    """Whether ``torch_optimizer`` keeps its update count per parameter group (``group["step"]``,
+    an int, or a tensor when capturable): Transformer Engine's ``FusedAdam``, which megatron-core
+    uses when TE imports, and Apex's ("assume same step across group", TE
+    ``pytorch/optimizers/fused_adam.py`` ``step``; their per-parameter state holds only moments and
+    master weights). torch's own optimizers count per parameter (``state[p]["step"]``); their
+    groups may carry a stale ``step`` too, which megatron-core's distributed optimizer writes into
+    the groups it saves and loads, so the class decides, not the keys."""
+    return not type(torch_optimizer).__module__.startswith("torch.")
 
 
 def optimizer_step_count(optimizer) -> int:
-    """How many updates torch's optimizer has applied (its per-parameter ``step``)."""
-    return max((int(state["step"]) for state in _adam_states(optimizer) if "step" in state), default=0)
+    """How many updates the optimizer has applied, read where it keeps the count
+    (:func:`counts_per_group`); 0 before any update."""
+    counts = []
+    for torch_optimizer in _torch_optimizers(optimizer):
+        if counts_per_group(torch_optimizer):
+            counts += [int(group["step"]) for group in torch_optimizer.param_groups
+                       if group["params"] and "step" in group]
+        else:
+            counts += [int(state["step"]) for state in torch_optimizer.state.values() if "step" in state]
+    return max(counts, default=0)
 
 
 def set_optimizer_step_count(optimizer, count: int) -> None:
-    """Restore the update count after a checkpoint load, as one ``step`` tensor per parameter.
+    """Restore the update count after a checkpoint load where the optimizer keeps it
+    (:func:`counts_per_group`): in each non-empty group (in the type it had; TE would try to
+    checkpoint a per-parameter ``step`` as one of its scaled states), or one ``step`` tensor per
+    parameter.
 
     megatron-core 0.19's ``DistributedOptimizer.load_state_dict`` (torch Adam, no Apex/TE) puts
     one and the same ``step`` tensor into every parameter's state, and its dp_reshardable load
@@ -203,11 +261,18 @@ def set_optimizer_step_count(optimizer, count: int) -> None:
     and give every parameter but the first a wrong bias correction: a fresh float32 tensor each
     (torch's own dtype for it, on the device of an existing one), not a fill of a shared one.
     """
-    for state in _adam_states(optimizer):
-        if not state:
+    for torch_optimizer in _torch_optimizers(optimizer):
+        if counts_per_group(torch_optimizer):
+            for group in torch_optimizer.param_groups:
+                step = group.get("step")
+                if group["params"]:
+                    group["step"] = torch.full_like(step, count) if isinstance(step, torch.Tensor) else int(count)
             continue
-        device = state["step"].device if "step" in state else torch.device("cpu")
-        state["step"] = torch.tensor(float(count), dtype=torch.float32, device=device)
+        for state in torch_optimizer.state.values():
+            if not state:
+                continue
+            device = state["step"].device if "step" in state else torch.device("cpu")
+            state["step"] = torch.tensor(float(count), dtype=torch.float32, device=device)
 
 
 @dataclass
