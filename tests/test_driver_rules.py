@@ -266,3 +266,25 @@ def test_each_phase_records_its_nodes_tokens_and_launched_seconds(tmp_path, monk
     measured = run.measures("iter1/evaluate")
     assert measured["nodes"] == 2 and measured["tokens"] == {"generated": 8, "scored": 16}
     assert list(measured["launched_seconds"]) == ["this"] and measured["launched_seconds"]["this"] >= 0
+
+
+def test_a_run_started_before_a_setting_existed_resumes_and_a_changed_one_is_refused(tmp_path):
+    """The saved config.yaml lacks a key a later version added (keep_optimizer_state): the typed
+    config reads it as its default, so the run resumes; a value that differs is still refused."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    register_iterate_schema()
+    run_dir, base = tmp_path / "run", hf_dir(tmp_path / "hf")
+    cfg = compose_config("iterate", [f"run_dir={run_dir}", f"base.hf={base}"])
+    settings = iterate_config(cfg)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    assert "keep_optimizer_state: false" in resolved
+    run_dir.mkdir()
+    (run_dir / "state.json").write_text(json.dumps({"phases": {"queries": {}}}))
+    (run_dir / "config.yaml").write_text(resolved.replace("keep_optimizer_state: false\n", ""))
+    Run(settings, resolved).lock.release()
+    (run_dir / "config.yaml").write_text(resolved.replace("keep_optimizer_state: false", "keep_optimizer_state: true"))
+    with pytest.raises(ConfigError, match=r"changed: keep_optimizer_state\)"):
+        Run(settings, resolved)

@@ -191,3 +191,25 @@ def test_a_refusal_writes_the_value_to_keep_as_an_override_would():
     with pytest.raises(ConfigError, match=r"rerun with data.tokenizer=null to resume \(only steps, "):
         config_changes(SAVED.replace("  seq_length: 512", "  seq_length: 512\n  tokenizer: null"),
                        SAVED.replace("  seq_length: 512", "  seq_length: 512\n  tokenizer: /tok"), Path("run"))
+
+
+def test_a_setting_added_or_rewritten_since_the_run_started_is_no_change(tmp_path):
+    """Compared through TrainConfig, as the trainer compares: a key the saved config lacks reads as
+    its default, and an older spelling (recompute_activations: false) as its current form (none)."""
+    from omegaconf import OmegaConf
+
+    from megatron_sami.alignment.trainer import TrainConfig
+    from megatron_sami.typed_config import to_typed
+
+    def typed(values):
+        return to_typed(TrainConfig, values, "train")
+
+    minimal = {"checkpoint": "/ckpt", "run_dir": "/runs/a", "data": {"records": "/data/r.jsonl"}}
+    current = OmegaConf.to_yaml(OmegaConf.structured(typed(OmegaConf.create(minimal))))
+    assert "overlap_grad_reduce: null" in current and "recompute_activations: none" in current
+    older = current.replace("  overlap_grad_reduce: null\n", "").replace("recompute_activations: none",
+                                                                         "recompute_activations: false")
+    assert config_changes(older, current, tmp_path, typed=typed) == {}
+    full = older.replace("recompute_activations: false", "recompute_activations: true")
+    assert config_changes(full, current, tmp_path, typed=typed) == {"recompute_activations": ("full", "none")}
+    assert "recompute_activations" in config_changes(older, current, tmp_path)  # compared as written: a change

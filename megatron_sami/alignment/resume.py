@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -114,8 +115,17 @@ def check_layout(saved: TrainerState, current: Layout, checkpoint: Path) -> None
             f"layouts.")
 
 
-def _flat(yaml_text: str) -> dict[str, object]:
-    return flatten(OmegaConf.to_container(OmegaConf.create(yaml_text)))
+def flat_settings(yaml_text: str, typed: Callable[[dict], object] | None = None) -> dict[str, object]:
+    """The settings of a resolved config, flat; through ``typed`` (the owner's typed config) when
+    given, so that a setting added since the run started reads as its default and a value written
+    in an older form (``recompute_activations: false``) as what it means now (``none``)."""
+    values = OmegaConf.to_container(OmegaConf.create(yaml_text))
+    if typed is not None:
+        try:
+            values = asdict(typed(values))
+        except ConfigError:
+            pass  # e.g. a key this version no longer has: compared as written, so the change is named
+    return flatten(values)
 
 
 def _same(key: str, old: object, new: object) -> bool:
@@ -124,14 +134,19 @@ def _same(key: str, old: object, new: object) -> bool:
     return old == new
 
 
-def config_changes(saved_yaml: str, resolved_yaml: str, run_dir: Path) -> dict[str, tuple[object, object]]:
+def config_changes(saved_yaml: str, resolved_yaml: str, run_dir: Path,
+                   typed: Callable[[dict], object] | None = None) -> dict[str, tuple[object, object]]:
     """The keys whose values differ between the run's saved config and this start's: ``key ->
     (old, new)``.
+
+    Args:
+        typed: builds the typed config from a config's values (e.g. ``TrainConfig``); both sides
+            are compared as it normalises them (defaults for keys added since, current forms).
 
     Raises:
         ConfigError: a changed key is not in :data:`CHANGEABLE_ON_RESUME`; the message names it.
     """
-    old, new = _flat(saved_yaml), _flat(resolved_yaml)
+    old, new = flat_settings(saved_yaml, typed), flat_settings(resolved_yaml, typed)
     changes = {key: (old.get(key), new.get(key)) for key in sorted(set(old) | set(new))
                if not _same(key, old.get(key), new.get(key))}
     refused = [key for key in changes if key not in CHANGEABLE_ON_RESUME and not key.startswith(CHANGEABLE_SECTIONS)]

@@ -85,6 +85,7 @@ from megatron_sami.training.engine import (
     train_step,
     wrap_ddp,
 )
+from megatron_sami.typed_config import to_typed
 
 METRIC_KEYS = ("loss", "loss_row", "loss_col", "acc_row", "acc_col", "mi_bound_nats", "diag_margin")
 
@@ -500,7 +501,8 @@ def claim_run_dir(cfg: TrainConfig, info: RuntimeInfo, resolved_yaml: str) -> tu
         if not saved.is_file():
             raise CheckpointError(f"{resume.checkpoint} holds no trainer_state/config.yaml (the settings it was trained "
                                   f"with), so a resume cannot tell what changed; start a new run_dir.")
-        resume.changes = config_changes(saved.read_text(), resolved_yaml, run_dir)
+        resume.changes = config_changes(saved.read_text(), resolved_yaml, run_dir,
+                                        typed=lambda values: to_typed(TrainConfig, values, "train"))
     return lock, resume
 
 

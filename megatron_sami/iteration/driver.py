@@ -35,6 +35,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from megatron_sami.alignment.data import PromptTemplate, load_template
+from megatron_sami.alignment.resume import flat_settings
 from megatron_sami.alignment.scoring import score_args
 from megatron_sami.errors import EXIT_PREEMPTED, ConfigError, DataError, PhaseError, Preempted
 from megatron_sami.evaluation import mi
@@ -63,7 +64,7 @@ from megatron_sami.rollout.generation import (
 from megatron_sami.rollout.queries import Query, QuerySourceConfig, load_queries, split_queries
 from megatron_sami.runlock import RunLock
 from megatron_sami.runtime.distributed import logger
-from megatron_sami.typed_config import flatten
+from megatron_sami.typed_config import flatten, to_typed
 
 TRAIN_FROM = ("base", "previous")
 # sami-train settings the driver sets itself for every iteration; a train: section cannot set them.
@@ -269,7 +270,6 @@ def train_settings(cfg: IterateConfig):
             unknown key or holds an invalid value (the message names ``train.<key>``).
     """
     from megatron_sami.alignment.trainer import TrainConfig
-    from megatron_sami.typed_config import to_typed
 
     flat = flatten(cfg.train)
     for key in DRIVER_TRAIN_KEYS:
@@ -372,10 +372,13 @@ class Run:
         self.lock = RunLock(self.dir, "sami-iterate").acquire()
         saved, state = self.dir / "config.yaml", self.dir / "state.json"
         started = read_state(state)["phases"]
+        changed: list[str] = []
         if started and saved.exists() and saved.read_text() != resolved_yaml:
-            old, new = flatten(OmegaConf.to_container(OmegaConf.create(saved.read_text()))), \
-                flatten(OmegaConf.to_container(OmegaConf.create(resolved_yaml)))
+            # As the typed config reads them: a setting added since the run started is its default.
+            typed = lambda values: to_typed(IterateConfig, values, "")  # noqa: E731
+            old, new = flat_settings(saved.read_text(), typed), flat_settings(resolved_yaml, typed)
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
             raise ConfigError(f"{self.dir} holds a run with a different configuration (changed: "
                               f"{', '.join(changed[:6])}); rerun with the same overrides to resume, or use a new "
                               f"run_dir.")
