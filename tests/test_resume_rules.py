@@ -145,6 +145,10 @@ def test_a_latest_pointer_to_a_missing_checkpoint_is_refused_naming_those_presen
     with pytest.raises(CheckpointError, match="names step_000006, which does not exist \\(present: step_000004\\)"):
         latest_checkpoint(tmp_path)
     (checkpoints / "latest").write_text("step_000004\n")
+    with pytest.raises(CheckpointError, match="holds weights but no optimizer state .* in a new run_dir with "
+                                              "checkpoint=.*step_000004"):
+        latest_checkpoint(tmp_path)  # what sami-iterate's cleanup leaves of a finished iteration
+    (checkpoints / "step_000004" / "optimizer").mkdir()
     assert latest_checkpoint(tmp_path) == checkpoints / "step_000004"
 
 

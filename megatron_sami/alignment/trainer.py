@@ -284,7 +284,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
     Raises:
         CheckpointError: the pointer names a directory that is gone (starting over would drop the
-            run's metrics and overwrite its checkpoints); the message lists those that exist.
+            run's metrics and overwrite its checkpoints); the message lists those that exist. Or it
+            holds no optimizer state (removed after a finished iteration): the message names the
+            checkpoint to start a new run from.
     """
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.is_file():
@@ -295,6 +297,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist (present: "
                               f"{', '.join(present) or 'none'}); write the name of the checkpoint to resume from into "
                               f"it, or use a new run_dir.")
+    if not (path / "optimizer").is_dir():
+        raise CheckpointError(f"{path} holds weights but no optimizer state (sami-iterate's cleanup removes it once an "
+                              f"iteration's training is done), so this run cannot continue where it stopped; train on "
+                              f"from its weights in a new run_dir with checkpoint={path}.")
     return path
 
 
