@@ -52,6 +52,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """``fsync`` the file ``path`` (its bytes durable before a rename publishes its directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
     """Create a new, empty, hidden temporary file in ``path``'s directory; returns (fd, its path).
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -21,7 +23,9 @@ def to_typed[T](schema: type[T], values: Any, prefix: str) -> T:
             message names the key and the fix.
     """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), values if values is not None else {})
+        base = OmegaConf.structured(schema)
+        restore_auto_defaults(schema, base)  # e.g. sequence_parallel derived from the given TP, not TP = 1
+        merged = OmegaConf.merge(base, values if values is not None else {})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = f"{prefix}.{err.full_key}" if getattr(err, "full_key", None) else prefix
@@ -39,3 +43,18 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
         else:
             flat[name] = value
     return flat
+
+
+def restore_auto_defaults(schema: type, node: Any) -> None:
+    """Set each field a dataclass names in ``AUTO_DEFAULTS`` back to its declared default, in the
+    defaults ``node`` built from ``schema`` (a plain mapping or a DictConfig), through nested
+    dataclass fields. Such a field (``ParallelConfig.sequence_parallel``: None, "on when TP > 1")
+    is derived by ``__post_init__`` from the fields around it; a schema's defaults hold the value
+    derived at the defaults (TP = 1), which would override the derivation at the TP a config sets.
+    """
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        if spec.name in getattr(schema, "AUTO_DEFAULTS", ()):
+            node[spec.name] = spec.default
+        elif dataclasses.is_dataclass(hints.get(spec.name)) and spec.name in node:
+            restore_auto_defaults(hints[spec.name], node[spec.name])

@@ -96,3 +96,14 @@ def test_help_names_the_command_and_how_to_run_it(module, app):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(f"{app}: ") and "powered by Hydra" not in result.stdout, result.stdout[:500]
     assert f"{app} --cfg job" in result.stdout and "== Config ==" in result.stdout
+
+
+def test_the_memory_check_uses_the_layout_the_run_will_use():
+    """The top-level layout refined by ``iterate.overrides`` (where the launcher's SAMI_ITERATE_ARGS
+    go): train.parallel.pipeline=4 there used to be ignored, and sequence parallelism assumed off."""
+    result = run_check("model=llama3-70b", "world_size=32", "parallel.tensor=8", "iterate.recipe=llama3-70b",
+                       "iterate.overrides=['train.parallel.pipeline=4']")
+    assert result.returncode == 0, result.stderr
+    assert "TP 8 x PP 4 x CP 1 x DP 1" in result.stdout
+    train = next(line for line in result.stdout.splitlines() if line.strip().startswith("train "))
+    assert train.split()[4:6] == ["10.5", "40.1"], train  # activations with sequence parallelism (28.0 without)

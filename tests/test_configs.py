@@ -207,3 +207,28 @@ def test_min_lr_above_the_peak_is_refused_naming_optimizer_lr():
                                "optimizer": {"lr": 1e-6}, "lr_schedule": {"min_lr": 1e-5}}, "train")
     with pytest.raises(ConfigError, match="lr_schedule.decay 'step' is unknown"):
         LRSchedule(decay="step")
+
+
+def test_sequence_parallelism_follows_the_composed_tp_in_every_command(base_hf, tmp_path):
+    """The schemas keep ``parallel.sequence_parallel`` unset (null) instead of the value derived at
+    the defaults' TP = 1, so each command derives it from the TP it is given (it was false in every
+    composed config: 70B trained without it, and the memory check assumed so)."""
+    from megatron_sami.cli.schemas import register_schema
+
+    register_train_schema()
+    for tensor, expected in ((1, False), (2, True)):
+        train = to_typed(TrainConfig, compose_config("train", ["checkpoint=c", "data.records=r", "run_dir=d",
+                                                               f"parallel.tensor={tensor}"]), "train")
+        assert train.parallel.sequence_parallel is expected
+    off = to_typed(TrainConfig, compose_config("train", ["checkpoint=c", "data.records=r", "run_dir=d",
+                                                         "parallel.tensor=2", "parallel.sequence_parallel=false"]),
+                   "train")
+    assert off.parallel.sequence_parallel is False
+    register_iterate_schema()
+    cfg = iterate_config(compose_config("recipe/llama3-70b", ["run_dir=runs/x", f"base.hf={base_hf}",
+                                                              "train.parallel.tensor=8"]))
+    assert train_settings(cfg).parallel.sequence_parallel is True
+    register_schema("check_config_schema", defaults_tree(CheckConfig))
+    check = to_typed(CheckConfig, compose_config("check_config", ["model=llama3-70b", "parallel.tensor=8",
+                                                                  "world_size=8"]), "")
+    assert check.parallel.sequence_parallel is True

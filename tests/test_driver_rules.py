@@ -270,7 +270,8 @@ def test_each_phase_records_its_nodes_tokens_and_launched_seconds(tmp_path, monk
 
 def test_a_run_started_before_a_setting_existed_resumes_and_a_changed_one_is_refused(tmp_path):
     """The saved config.yaml lacks a key a later version added (keep_optimizer_state): the typed
-    config reads it as its default, so the run resumes; a value that differs is still refused."""
+    config reads it as its default, so the run resumes; so does one launched differently (another
+    allocation); a value that differs is still refused."""
     import json
 
     from omegaconf import OmegaConf
@@ -284,6 +285,10 @@ def test_a_run_started_before_a_setting_existed_resumes_and_a_changed_one_is_ref
     run_dir.mkdir()
     (run_dir / "state.json").write_text(json.dumps({"phases": {"queries": {}}}))
     (run_dir / "config.yaml").write_text(resolved.replace("keep_optimizer_state: false\n", ""))
+    Run(settings, resolved).lock.release()
+    # A resubmission on another allocation: srun's options differ, the run is the same.
+    assert "  prefix: null\n" in resolved
+    (run_dir / "config.yaml").write_text(resolved.replace("  prefix: null\n", "  prefix:\n  - srun\n  - --nodes=4\n"))
     Run(settings, resolved).lock.release()
     (run_dir / "config.yaml").write_text(resolved.replace("keep_optimizer_state: false", "keep_optimizer_state: true"))
     with pytest.raises(ConfigError, match=r"changed: keep_optimizer_state\)"):

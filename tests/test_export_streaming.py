@@ -236,3 +236,17 @@ def test_streaming_export_equals_the_in_model_export(source, tmp_path):
     if dtype is None:  # and both give the HF source back (the source is fp32, as the checkpoint)
         original, new = read_dir(hf_dir), read_dir(tmp_path / "new")
         assert sorted(new) == sorted(original) and all(torch.equal(new[key], original[key]) for key in original)
+
+
+def test_a_replace_killed_midway_does_not_block_the_next_export(tmp_path):
+    """A kill between moving the old output aside and removing it leaves ``out.replaced``; the next
+    ``--overwrite`` export clears it (a sibling name no input may have) instead of failing with
+    "Directory not empty" on every rerun."""
+    original = jobs.write_synthetic_checkpoint(tmp_path / "ckpt", "llama", torch.bfloat16)
+    export.megatron_to_hf(tmp_path / "ckpt", tmp_path / "out")
+    (tmp_path / "out.replaced").mkdir()
+    (tmp_path / "out.replaced" / "leftover.safetensors").write_bytes(b"x")
+    export.megatron_to_hf(tmp_path / "ckpt", tmp_path / "out", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    back = read_dir(tmp_path / "out")
+    assert all(torch.equal(back[key], tensor) for key, tensor in original.items())

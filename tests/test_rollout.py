@@ -376,6 +376,7 @@ def test_vllm_gets_tensor_parallel_and_one_engine_per_node_launch(monkeypatch):
     check_engine_devices(GenerationConfig(backend="hf"), 0)
 
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.delenv("SLURM_GPUS_PER_TASK", raising=False)
     launcher = LauncherConfig(prefix=["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1",
                                       "--cpus-per-task=12"], python="python3", log_dir="/run/logs")
     assert launcher.num_nodes() == 4
@@ -384,6 +385,11 @@ def test_vllm_gets_tensor_parallel_and_one_engine_per_node_launch(monkeypatch):
         "--ntasks-per-node=1", "--ntasks=4", "--cpus-per-task=96",
         "--output=/run/logs/iter1-generate-%j.0-rank%t.log", "--open-mode=append",
         "python3", "-m", "megatron_sami.cli.generate", "job.json"]
+    # A site binding one GPU per task: the node's one generation task gets its 8 tasks' GPUs.
+    monkeypatch.setenv("SLURM_GPUS_PER_TASK", "1")
+    assert "--gpus-per-task=8" in launcher.node_command("megatron_sami.cli.generate", ["job.json"], "iter1/generate")
+    bound = LauncherConfig(prefix=["srun", "--ntasks-per-node=4", "--gpus-per-task=2"])
+    assert bound.node_command("m", ["a"], "p")[-5] == "--gpus-per-task=8"
     local = LauncherConfig(nproc_per_node=8)
     assert local.num_nodes() == 1
     assert local.node_command("m", ["a"], "p")[1:] == ["-m", "m", "a"]

@@ -18,6 +18,7 @@ a GPU nor torch.distributed; FP8 hardware is checked by sami-train when it start
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 from megatron_sami.cli.common import run_hydra_app
@@ -72,9 +73,9 @@ def top_level_overrides(cfg) -> dict[str, object]:
 
 
 def run_settings(cfg):
-    """(IterateConfig, TrainConfig) of ``cfg.iterate.recipe`` with the top-level run settings
-    (:func:`top_level_overrides`) and then ``cfg.iterate.overrides``, composed as sami-iterate
-    composes them.
+    """(IterateConfig, TrainConfig) of ``cfg.iterate.recipe`` with the top-level layout as
+    ``train.parallel.*``, the top-level run settings (:func:`top_level_overrides`) and then
+    ``cfg.iterate.overrides``, composed as sami-iterate composes them.
 
     Raises:
         ConfigError: the recipe or an override does not compose, a value is invalid, or
@@ -92,7 +93,11 @@ def run_settings(cfg):
 
     name = f"recipe/{cfg.iterate.recipe}" if cfg.iterate.recipe else "iterate"
     given = top_level_overrides(cfg)
-    overrides = ["run_dir=-", "base.hf=-", *(override_arg(key, value) for key, value in given.items()),
+    # The top-level layout is the run's train.parallel.*, which iterate.overrides may refine (the
+    # launcher's SAMI_ITERATE_ARGS reach only those): the check uses the layout the run will use.
+    layout = [override_arg(f"train.parallel.{key}", cfg.parallel[key]) for key in (spec.name for spec in dataclasses.fields(ParallelConfig))
+              if cfg.parallel[key] is not None]
+    overrides = ["run_dir=-", "base.hf=-", *layout, *(override_arg(key, value) for key, value in given.items()),
                  *cfg.iterate.overrides]
     try:
         composed = compose(config_name=name, overrides=overrides)
@@ -202,6 +207,7 @@ def describe(cfg) -> str:
         raise ConfigError(f"gpu_memory_gb must be > 0 (GiB per GPU, e.g. 80 for H100, 141 for H200), got "
                           f"{cfg.gpu_memory_gb}.")
     settings, train = run_settings(cfg)
+    parallel = train.parallel  # the top-level layout refined by iterate.overrides (run_settings)
     precision: PrecisionConfig = train.precision
     data_parallel = parallel.validate(model, int(cfg.world_size), train.data.seq_length)
     total = model.num_parameters()

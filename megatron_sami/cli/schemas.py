@@ -19,11 +19,21 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from megatron_sami.typed_config import restore_auto_defaults
+
 
 def defaults_tree(schema: type) -> dict[str, Any]:
     """The default values of the dataclass ``schema`` as nested plain mappings (``???`` where a
-    value is required)."""
-    return OmegaConf.to_container(OmegaConf.structured(schema))
+    value is required).
+
+    A field a dataclass names in ``AUTO_DEFAULTS`` keeps its declared default (``None``), not the
+    value its ``__post_init__`` derives from the defaults around it: ``parallel.sequence_parallel``
+    is ``None`` ("on when TP > 1"), so that a command composed with ``parallel.tensor=8`` derives it
+    from TP = 8, not from the schema's TP = 1.
+    """
+    tree = OmegaConf.to_container(OmegaConf.structured(schema))
+    restore_auto_defaults(schema, tree)
+    return tree
 
 
 def register_schema(name: str, tree: dict[str, Any]) -> None:

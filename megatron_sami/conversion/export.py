@@ -37,7 +37,7 @@ from megatron_sami.conversion.table import Rule, expand_rules
 from megatron_sami.conversion.transforms import Shapes, megatron_shape, to_hf
 from megatron_sami.device_budget import check_device_budget
 from megatron_sami.errors import CheckpointError
-from megatron_sami.io import atomic_write_json, fsync_dir
+from megatron_sami.io import atomic_write_json, fsync_dir, fsync_file
 from megatron_sami.models.checkpoint_dir import HF_DIR, WEIGHTS_DIR, check_output_path, read_checkpoint_model
 from megatron_sami.models.config import ModelConfig
 from megatron_sami.runtime.distributed import logger
@@ -183,6 +183,7 @@ def staged_locally(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = out_dir.with_name(out_dir.name + ".replaced")
+    shutil.rmtree(previous, ignore_errors=True)  # left by a kill inside an earlier replace (never an input)
     if out_dir.exists():
         out_dir.rename(previous)
     fsync_dir(staging)
@@ -250,6 +251,7 @@ def write_hf_meta(staging: Path, meta_dir: Path, dtype_name: str, source_dtype: 
     for file_name in HF_META_FILES:
         if (meta_dir / file_name).is_file():
             shutil.copy2(meta_dir / file_name, staging / file_name)
+            fsync_file(staging / file_name)  # durable before the directory is renamed into place
     if dtype_name != source_dtype:
         config = json.loads((staging / "config.json").read_text())
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype_name

@@ -80,6 +80,9 @@ class BaseModelConfig:
     checkpoint: str | None = None  # converted Megatron checkpoint (made from ``hf`` when null)
 
 
+LAUNCH_KEYS = ("launcher.",)  # settings a resumed run may change (Run._claim)
+
+
 @dataclass
 class LauncherConfig:
     """How launched phases start their processes: ``torchrun --standalone`` with ``nproc_per_node``
@@ -163,6 +166,12 @@ class LauncherConfig:
         options = ["--ntasks-per-node=1", f"--ntasks={self.num_nodes()}"]
         if cpus and cpus[-1].isdigit():
             options.append(f"--cpus-per-task={int(cpus[-1]) * tasks}")
+        # A site that binds one GPU per task (--gpus-per-task, also inherited from sbatch through
+        # SLURM_GPUS_PER_TASK) would give the node's one engine one GPU: give it the node's tasks' GPUs.
+        gpus = [part.split("=", 1)[1] for part in prefix if part.startswith("--gpus-per-task=")]
+        gpus_per_task = gpus[-1] if gpus else os.environ.get("SLURM_GPUS_PER_TASK", "")
+        if gpus_per_task.isdigit():
+            options.append(f"--gpus-per-task={int(gpus_per_task) * tasks}")
         command = LauncherConfig(prefix=[*prefix, *options], python=self.python, log_dir=self.log_dir)
         return command.command(module, args, phase)
 
@@ -212,8 +221,8 @@ class IterateConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     export_dtype: str | None = None
     # false: once an iteration's training is recorded complete, its other checkpoints and the final
-    # one's optimizer state are removed (nothing reads them again: iteration/pruning.py; 0.85 TB per
-    # checkpoint at 70B); true keeps every checkpoint whole.
+    # one's optimizer state are removed (nothing reads them again: iteration/pruning.py; 0.56 TB per
+    # checkpoint at 70B with RMSprop, 0.85 with AdamW); true keeps every checkpoint whole.
     keep_optimizer_state: bool = False
     # The sami-train settings this run sets (the rest are sami-train's own defaults, so a changed
     # default reaches every iteration); checked as a TrainConfig when the run opens.
@@ -324,7 +333,8 @@ class Run:
         self.train_settings = train_settings(cfg)
         self._check_template()
         self._check_paths()
-        check_backend_available(cfg.generation)
+        if cfg.launcher.python is None:  # else generation runs in another interpreter (a container's), which checks
+            check_backend_available(cfg.generation)
         # Only a run this process claimed launches generation per node (a report opens a run
         # outside its allocation and generates what it lacks in one local process).
         self.claimed = resolved_yaml is not None
@@ -377,7 +387,11 @@ class Run:
             # As the typed config reads them: a setting added since the run started is its default.
             typed = lambda values: to_typed(IterateConfig, values, "")  # noqa: E731
             old, new = flat_settings(saved.read_text(), typed), flat_settings(resolved_yaml, typed)
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            # How phases are launched (srun's --nodes, CPUs, memory, container) may change with the
+            # allocation: sami-train resumes at another data-parallel size and generation writes the
+            # same records at any node count.
+            changed = sorted(k for k in set(old) | set(new)
+                             if old.get(k) != new.get(k) and not k.startswith(LAUNCH_KEYS))
         if changed:
             raise ConfigError(f"{self.dir} holds a run with a different configuration (changed: "
                               f"{', '.join(changed[:6])}); rerun with the same overrides to resume, or use a new "

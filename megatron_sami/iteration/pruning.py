@@ -7,7 +7,8 @@ megatron-to-hf``), MI scoring (``sami-score``) and, with ``train_from=previous``
 iteration's ``sami-train``, which starts a new run from ``checkpoint=`` (model weights loaded,
 optimizer built fresh; only a resume in the same run directory reads ``optimizer/``). The optimizer
 state is the bulk of a training checkpoint: AdamW's fp32 main weights and two moments are 12 bytes
-per parameter against 2 for the bf16 weights (Llama-3-70B: 0.85 TB against 0.14 TB per checkpoint).
+per parameter against 2 for the bf16 weights (Llama-3-70B: 0.85 TB, or 0.56 TB with RMSprop's
+8, against 0.14 TB per checkpoint).
 
 A training checkpoint (:mod:`megatron_sami.alignment.trainer`) keeps model and optimizer tensors in
 separate distributed checkpoints, ``step_N/weights/`` and ``step_N/optimizer/``, so the optimizer
@@ -83,7 +84,7 @@ def prune_training_checkpoints(checkpoints: Path) -> dict:
 def _prune(checkpoints: Path, final: Path) -> dict:
     targets = [path for path in checkpoints.iterdir() if path.name.startswith("step_") and path != final]
     targets += [final / name for name in (OPTIMIZER_DIR, OPTIMIZER_DIR + REMOVING) if os.path.lexists(final / name)]
-    doomed = [_mark(path) for path in sorted(targets)]
+    doomed = list(dict.fromkeys(_mark(path) for path in sorted(targets)))  # optimizer and a leftover optimizer.removing
     fsync_dir(checkpoints)
     fsync_dir(final)
     freed = sum(_size(path) for path in doomed)

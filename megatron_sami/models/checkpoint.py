@@ -105,6 +105,7 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
         raise
     if is_rank0():
         previous = out_dir.with_name(out_dir.name + ".replaced")
+        shutil.rmtree(previous, ignore_errors=True)  # left by a kill inside an earlier replace (never an input)
         if out_dir.exists():
             out_dir.rename(previous)
         fsync_dir(staging)  # the names written into it, then its own new name: durable after a crash

@@ -11,7 +11,7 @@ floor of the package does not import ``models/`` (which sits above it);
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from megatron_sami.errors import LayoutError
 
@@ -55,6 +55,9 @@ class ParallelConfig:
     to a multiple of TP. Set it to false to turn it off (dense models only: megatron-core trains
     MoE under TP only with it).
     """
+
+    # Composed configs keep the declared None of these (cli/schemas.py), resolved here per command.
+    AUTO_DEFAULTS: ClassVar[tuple[str, ...]] = ("sequence_parallel",)
 
     tensor: int = 1
     pipeline: int = 1
