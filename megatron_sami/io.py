@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import secrets
@@ -59,6 +60,39 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class WindowReader(io.RawIOBase):
+    """A read-only, seekable stream of ``length`` bytes whose bytes a subclass supplies
+    (:meth:`read_at`): what ``zipfile`` and ``torch.load`` need of a file object, for a window
+    of a larger file or the part of one held in memory."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.position = length, 0
+
+    def read_at(self, position: int, size: int) -> bytes:
+        """``size`` bytes (fewer at the end) from ``position`` of the window."""
+        raise NotImplementedError
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence] + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        wanted = max(0, min(len(buffer), self.length - self.position))
+        data = self.read_at(self.position, wanted) if wanted else b""
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def _temp_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:

@@ -94,22 +94,29 @@ def iteration_submission(args: argparse.Namespace, nodes: int) -> tuple[list[str
     return command, {"SAMI_ROOT": str(ROOT), "SAMI_RUN_DIR": str((args.out / f"iterate-nodes-{nodes}").resolve())}
 
 
+def submit_each(args: argparse.Namespace, make_submission, label: str, output_stem: str) -> None:
+    """Submit ``make_submission(args, nodes)`` at each node count and wait for it (print it with
+    --dry-run); a failed job ends the study naming its output file ``<out>/<output_stem>-<nodes>.out``."""
+    for nodes in sorted(args.nodes):
+        command, env = make_submission(args, nodes)
+        if args.dry_run:
+            print(" ".join(f"{k}={v!r}" for k, v in env.items()), " ".join(command))
+            continue
+        print(f"[scaling] {label}{nodes} node(s): submitting", flush=True)
+        result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True)
+        if result.returncode != 0:
+            print(result.stderr, file=sys.stderr)
+            raise SystemExit(f"error: the {nodes}-node run failed; see {args.out / f'{output_stem}-{nodes}.out'}.")
+
+
 def whole_iteration(args: argparse.Namespace) -> int:
     """Submit the template at each node count (unless --collect-only), then write the study."""
     sys.path.insert(0, str(ROOT))
     from megatron_sami.errors import SamiError
     from megatron_sami.iteration.report import format_phase_split, write_iteration_scaling
 
-    for nodes in [] if args.collect_only else sorted(args.nodes):
-        command, env = iteration_submission(args, nodes)
-        if args.dry_run:
-            print(" ".join(f"{k}={v!r}" for k, v in env.items()), " ".join(command))
-            continue
-        print(f"[scaling] whole iteration, {nodes} node(s): submitting", flush=True)
-        result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True)
-        if result.returncode != 0:
-            print(result.stderr, file=sys.stderr)
-            raise SystemExit(f"error: the {nodes}-node run failed; see {args.out / f'iterate-nodes-{nodes}.out'}.")
+    if not args.collect_only:
+        submit_each(args, iteration_submission, "whole iteration, ", "iterate-nodes")
     if args.dry_run:
         return 0
     runs = [args.out / f"iterate-nodes-{nodes}" for nodes in sorted(args.nodes)] + list(args.run)
@@ -209,16 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.whole_iteration:
         return whole_iteration(args)
     if not args.collect_only:
-        for nodes in sorted(args.nodes):
-            command, env = submission(args, nodes)
-            if args.dry_run:
-                print(" ".join(f"{k}={v!r}" for k, v in env.items()), " ".join(command))
-                continue
-            print(f"[scaling] {nodes} node(s): submitting", flush=True)
-            result = subprocess.run(command, env=os.environ | env, capture_output=True, text=True)
-            if result.returncode != 0:
-                print(result.stderr, file=sys.stderr)
-                raise SystemExit(f"error: the {nodes}-node run failed; see {args.out / f'nodes-{nodes}.out'}.")
+        submit_each(args, submission, "", "nodes")
         if args.dry_run:
             return 0
     results = collect(args)

@@ -12,7 +12,6 @@ offset; no data is read) and then only the rows of its storage that the region n
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import zipfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_sami.errors import CheckpointError
+from megatron_sami.io import WindowReader
 from megatron_sami.models.checkpoint import damaged_file, read_exactly
 
 
@@ -36,32 +36,16 @@ class Chunk:
     length: int
 
 
-class _FileSlice(io.RawIOBase):
+class _FileSlice(WindowReader):
     """Bytes ``offset``..``offset + length`` of an open file, as a seekable stream (positional
     reads: several slices of one descriptor may be read in turn)."""
 
     def __init__(self, descriptor: int, offset: int, length: int) -> None:
-        self.descriptor, self.offset, self.length, self.position = descriptor, offset, length, 0
+        super().__init__(length)
+        self.descriptor, self.offset = descriptor, offset
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence] + offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def readinto(self, buffer) -> int:
-        wanted = max(0, min(len(buffer), self.length - self.position))
-        data = os.pread(self.descriptor, wanted, self.offset + self.position) if wanted else b""
-        buffer[:len(data)] = data
-        self.position += len(data)
-        return len(data)
+    def read_at(self, position: int, size: int) -> bytes:
+        return os.pread(self.descriptor, size, self.offset + position)
 
 
 def _dcp_metadata(weights_dir: Path):

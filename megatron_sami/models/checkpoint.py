@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import logging
 import os
 import shutil
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sami.errors import CheckpointError
-from megatron_sami.io import fsync_dir
+from megatron_sami.io import WindowReader, fsync_dir
 
 # Threads writing a lazily saved checkpoint: while one reads a chunk from the source files, the
 # other writes; each holds one chunk, so a process holds about two.
@@ -507,34 +506,19 @@ def _storage_bytes_offset(path, start: int, length: int, nbytes: int) -> int:
         return start + entry.header_offset + 30 + name_length + extra_length
 
 
-class _Padded(io.RawIOBase):
+class _Padded(WindowReader):
     """The last bytes of an archive of ``length`` bytes, readable at their offsets in it (zipfile
     reads only the end record and central directory, which lie there)."""
 
     def __init__(self, end: bytes, length: int) -> None:
-        self.end, self.length, self.position = end, length, 0
+        super().__init__(length)
+        self.end = end
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        self.position = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence] + offset
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def readinto(self, buffer) -> int:
-        first = self.position - (self.length - len(self.end))
+    def read_at(self, position: int, size: int) -> bytes:
+        first = position - (self.length - len(self.end))
         if first < 0:
             raise OSError("zip read outside the archive's last 64 KiB")
-        data = self.end[first:first + len(buffer)]
-        buffer[:len(data)] = data
-        self.position += len(data)
-        return len(data)
+        return self.end[first:first + size]
 
 
 def _copy_range(source: int, source_offset: int, target: int, target_offset: int, nbytes: int) -> None:
