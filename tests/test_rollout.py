@@ -276,12 +276,13 @@ def shard_bytes(root):
 
 
 def test_records_are_byte_identical_at_any_node_count(tmp_path, tiny_hf, monkeypatch):
-    """Node k of N writes shards k, k + N, ...; sampled (temperature 1) records at N = 2 and 3 are
+    """Node k of N writes the job's shards k, k + N, ...; sampled (temperature 1) records at N = 2 and 3 are
     the bytes N = 1 writes, each shard written once, by its node (written_by/)."""
     from megatron_sami.rollout import generation
     from megatron_sami.rollout.generation import assigned_shards, run_job, shard_writers, write_job
 
     assert [assigned_shards(4, node, 3) for node in range(3)] == [[0, 3], [1], [2]]
+    assert [assigned_shards(1, node, 2, offset=1) for node in range(2)] == [[], [0]]  # a second one-shard set
     # One model for every node's engine (a shard's seeds are its own, whichever engine runs it).
     engine = generation.make_backend(tiny_hf, generation_job(tmp_path, tiny_hf).generation)
     monkeypatch.setattr(generation, "make_backend", lambda model, cfg: engine)
@@ -297,8 +298,9 @@ def test_records_are_byte_identical_at_any_node_count(tmp_path, tiny_hf, monkeyp
         assert job.missing_shards() == [] and len(job.shards()) == 6
         written = {str(shard.relative_to(root)): json.loads((shard.parent / "written_by" / f"{shard.stem}.json")
                                                             .read_text())["node_index"] for shard in job.shards()}
-        assert written == {f"{task}/shard-{i:05d}.jsonl": i % num_nodes for task in ("generated", "eval")
-                           for i in range(3)}
+        # One round robin over the whole job: the second set's shards continue where the first's ended.
+        assert written == {f"{task}/shard-{i:05d}.jsonl": (first + i) % num_nodes
+                           for first, task in ((0, "generated"), (3, "eval")) for i in range(3)}
         assert sum(shard_writers(job.shards()).values()) == 6
         records = shard_bytes(root)
         reference = reference or records
@@ -341,9 +343,11 @@ def test_the_generate_command_runs_its_share_and_stops_at_a_shard_boundary(tmp_p
         written = sorted(p.name for p in (tmp_path / "generated").glob("shard-*.jsonl"))
         assert written == ["shard-00001.jsonl"]  # node 1's share of the first task
         assert generate.main([str(tmp_path / "job.json"), "--num-nodes", "2"]) == 0
-        assert [p.name for p in job.missing_shards()] == ["shard-00000.jsonl", "shard-00002.jsonl"] * 2
+        # Node 1 wrote the job's shards 1, 3 and 5: the first set's shard 1, the second set's 0 and 2.
+        assert [p.name for p in job.missing_shards()] == ["shard-00000.jsonl", "shard-00002.jsonl",
+                                                          "shard-00001.jsonl"]
         assert generate.main([str(tmp_path / "job.json"), "--num-nodes", "2", "--node", "0"]) == 0
-        assert job.missing_shards() == [] and built[-1].calls == 4 and len(shards_generated) == 6
+        assert job.missing_shards() == [] and built[-1].calls == 3 and len(shards_generated) == 6
         monkeypatch.setenv("SLURM_PROCID", "0")  # the first task prints the error (the others wait for srun)
         with pytest.raises(SystemExit) as refused:
             generate.main([str(tmp_path / "job.json"), "--num-nodes", "3"])

@@ -12,7 +12,7 @@ Each backend returns, per prompt, the response text cut at the first stop string
 
 Records are written in shards of ``shard_size`` queries (:func:`generate_records`). A shard's
 rows depend only on its queries and the seed, never on which process wrote it, so shards can be
-spread over nodes: node k of N writes shards k, k + N, ... (:func:`assigned_shards`), each node
+spread over nodes: node k of N writes the job's shards k, k + N, ... (:func:`assigned_shards`), each node
 with its own engine. ``sami-iterate`` runs a :class:`GenerationJob` that way
 (``python -m megatron_sami.cli.generate``, one task per node) and the records are byte-identical
 at any node count. Beside each shard, ``written_by/shard-NNNNN.json`` names the node that wrote it.
@@ -266,16 +266,17 @@ def shard_paths(out_dir: Path, num_queries: int, shard_size: int) -> list[Path]:
     return [shard_path(out_dir, index) for index in range(-(-num_queries // shard_size))]
 
 
-def assigned_shards(num_shards: int, node: int, num_nodes: int) -> list[int]:
-    """The shards node ``node`` of ``num_nodes`` writes: ``node, node + num_nodes, ...``
-    (round robin, so that the nodes' shares differ by at most one shard).
+def assigned_shards(num_shards: int, node: int, num_nodes: int, offset: int = 0) -> list[int]:
+    """The shards node ``node`` of ``num_nodes`` writes: round robin over the job's shards, this
+    set's first being the job's shard ``offset`` (so that the nodes' shares of a whole job differ
+    by at most one shard, also when each of its sets has fewer shards than there are nodes).
 
     Raises:
         ConfigError: ``node`` is not in ``[0, num_nodes)``.
     """
     if not 0 <= node < num_nodes:
         raise ConfigError(f"generation node {node} is not one of the {num_nodes} nodes (0..{num_nodes - 1}).")
-    return list(range(node, num_shards, num_nodes))
+    return [index for index in range(num_shards) if (offset + index) % num_nodes == node]
 
 
 def writer_path(shard: Path) -> Path:
@@ -302,12 +303,13 @@ def shard_writers(shards: list[Path]) -> dict[str, int]:
 
 def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSet, sampling: SamplingConfig,
                      template: PromptTemplate, out_dir: Path, shard_size: int, seed: int,
-                     sample=sample_constitutions, before_shard=None, node: int = 0, num_nodes: int = 1) -> list[Path]:
+                     sample=sample_constitutions, before_shard=None, node: int = 0, num_nodes: int = 1,
+                     offset: int = 0) -> list[Path]:
     """Records (one per query, C responses) in shards; completed shards are kept and skipped.
 
     Queries are cut into shards of ``shard_size`` under ``out_dir``; this process writes the
     missing ones of its share, :func:`assigned_shards` of ``node`` of ``num_nodes`` (all of
-    them for one node). Each query's constitutions are drawn by ``sample(cset, sampling, rng)``
+    them for one node), counted from the job's shard ``offset``. Each query's constitutions are drawn by ``sample(cset, sampling, rng)``
     (default :func:`sample_constitutions`) with :func:`query_rng` of ``seed``, so a rerun, or
     another node, draws the same ones. A record row is ``{"id", "query", "constitutions",
     "responses", "metadata": {"principles", "signs", "finished", "num_tokens"}}``; beside each
@@ -326,7 +328,7 @@ def generate_records(backend_factory, queries: list[Query], cset: ConstitutionSe
     (out_dir / "written_by").mkdir(parents=True, exist_ok=True)
     shards = [queries[i:i + shard_size] for i in range(0, len(queries), shard_size)]
     paths = shard_paths(out_dir, len(queries), shard_size)
-    mine = assigned_shards(len(shards), node, num_nodes)
+    mine = assigned_shards(len(shards), node, num_nodes, offset)
     todo = [index for index in mine if not paths[index].exists()]
     share = "" if num_nodes == 1 else f" (node {node} of {num_nodes}: {len(mine)} shards)"
     if len(todo) < len(mine):
@@ -376,7 +378,7 @@ class GenerationTask:
 
 def run_task(backend_factory, queries: list[Query], cset: ConstitutionSet, template: PromptTemplate,
              task: GenerationTask, shard_size: int, before_shard=None, node: int = 0,
-             num_nodes: int = 1) -> list[Path]:
+             num_nodes: int = 1, offset: int = 0) -> list[Path]:
     """:func:`generate_records` of one task (this node's share of it); returns all its shard paths.
 
     Raises:
@@ -384,7 +386,7 @@ def run_task(backend_factory, queries: list[Query], cset: ConstitutionSet, templ
     """
     return generate_records(backend_factory, queries, cset, task.sampling, template, Path(task.out_dir), shard_size,
                             task.seed, sample=SAMPLERS[task.sampler], before_shard=before_shard, node=node,
-                            num_nodes=num_nodes)
+                            num_nodes=num_nodes, offset=offset)
 
 
 @dataclass
@@ -472,10 +474,10 @@ def run_job(job: GenerationJob, node: int = 0, num_nodes: int = 1, before_shard=
             engine.append(make_backend(job.model, job.generation))
         return engine[0]
 
-    paths = []
-    for task in job.tasks:
+    paths: list[Path] = []
+    for task in job.tasks:  # each set's shards continue the round robin where the previous set's ended
         paths += run_task(backend, queries, cset, job.template, task, job.generation.shard_size, before_shard,
-                          node, num_nodes)
+                          node, num_nodes, offset=len(paths))
     return paths
 
 
