@@ -66,8 +66,9 @@ class GenerationConfig:
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     tensor_parallel: int = 1  # vllm only
     # vllm only: the share of each GPU's memory the engine may take (weights + KV cache), and the
-    # longest sequence it must hold (null: the model's own limit). Both reach vllm.LLM and the
-    # memory estimate of sami-check-config.
+    # longest sequence it must hold (null: the model's own limit, 8192 for Llama 3, 131072 for
+    # 3.1). Both reach vllm.LLM; sami-check-config reports the KV cache's capacity in sequences of
+    # max_model_len tokens, or of data.seq_length when it is null.
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     seed: int = 0
