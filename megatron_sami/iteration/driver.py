@@ -122,7 +122,7 @@ class LauncherConfig:
         if not self.prefix:
             return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                     str(self.nproc_per_node), "-m", module, *args]
-        prefix = shlex.split(self.prefix) if isinstance(self.prefix, str) else [str(part) for part in self.prefix]
+        prefix = self._argv()
         if self.log_dir:
             # srun expands %j (job) and %t (task); a literal % in the path is written %%.
             name = f"{self.log_dir.replace('%', '%%')}/{phase.replace('/', '-')}-%j." \
@@ -130,9 +130,19 @@ class LauncherConfig:
             prefix += [f"--output={name}", "--open-mode=append"]
         return [*prefix, python, "-m", module, *args]
 
+    def _argv(self) -> list[str]:
+        """``prefix`` as argv (the old string form split as a shell would)."""
+        return shlex.split(self.prefix) if isinstance(self.prefix, str) else [str(part) for part in self.prefix or []]
+
     def _srun_prefix(self) -> list[str] | None:
-        prefix = shlex.split(self.prefix) if isinstance(self.prefix, str) else [str(part) for part in self.prefix or []]
+        prefix = self._argv()
         return prefix if prefix and Path(prefix[0]).name == "srun" else None
+
+    @staticmethod
+    def _option(prefix: list[str], name: str, default: str = "") -> str:
+        """The value of ``--name=value`` in ``prefix`` (srun takes the last one given), else ``default``."""
+        values = [part.split("=", 1)[1] for part in prefix if part.startswith(f"--{name}=")]
+        return values[-1] if values else default
 
     def num_nodes(self) -> int:
         """The nodes a per-node phase runs on: srun's ``--nodes`` (else the allocation's); 1
@@ -140,17 +150,15 @@ class LauncherConfig:
         prefix = self._srun_prefix()
         if prefix is None:
             return 1
-        nodes = [part.split("=", 1)[1] for part in prefix if part.startswith("--nodes=")]
-        return int((nodes[-1] if nodes else None) or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+        return int(self._option(prefix, "nodes") or os.environ.get("SLURM_JOB_NUM_NODES") or 1)
 
     def num_processes(self) -> int | None:
         """The ranks of a launched phase: torchrun's ``nproc_per_node``, or srun's ``--nodes`` x
         ``--ntasks-per-node``; None for another launcher prefix, or one that does not say."""
         if not self.prefix:
             return self.nproc_per_node
-        prefix = self._srun_prefix() or []
-        per_node = [part.split("=", 1)[1] for part in prefix if part.startswith("--ntasks-per-node=")]
-        return int(per_node[-1]) * self.num_nodes() if per_node and per_node[-1].isdigit() else None
+        per_node = self._option(self._srun_prefix() or [], "ntasks-per-node")
+        return int(per_node) * self.num_nodes() if per_node.isdigit() else None
 
     def node_command(self, module: str, args: list[str], phase: str) -> list[str]:
         """The argv that runs ``python -m module args`` once per node (generation: one engine per
@@ -159,17 +167,16 @@ class LauncherConfig:
         prefix = self._srun_prefix()
         if prefix is None:
             return [self.python or sys.executable, "-m", module, *args]
-        per_node = [part.split("=", 1)[1] for part in prefix if part.startswith("--ntasks-per-node=")]
-        tasks = int(per_node[-1]) if per_node and per_node[-1].isdigit() else 1
-        cpus = [part.split("=", 1)[1] for part in prefix if part.startswith("--cpus-per-task=")]
+        per_node = self._option(prefix, "ntasks-per-node")
+        tasks = int(per_node) if per_node.isdigit() else 1
+        cpus = self._option(prefix, "cpus-per-task")
         # Later options win in srun; --ntasks too, since the batch environment's SLURM_NTASKS counts GPU tasks.
         options = ["--ntasks-per-node=1", f"--ntasks={self.num_nodes()}"]
-        if cpus and cpus[-1].isdigit():
-            options.append(f"--cpus-per-task={int(cpus[-1]) * tasks}")
+        if cpus.isdigit():
+            options.append(f"--cpus-per-task={int(cpus) * tasks}")
         # A site that binds one GPU per task (--gpus-per-task, also inherited from sbatch through
         # SLURM_GPUS_PER_TASK) would give the node's one engine one GPU: give it the node's tasks' GPUs.
-        gpus = [part.split("=", 1)[1] for part in prefix if part.startswith("--gpus-per-task=")]
-        gpus_per_task = gpus[-1] if gpus else os.environ.get("SLURM_GPUS_PER_TASK", "")
+        gpus_per_task = self._option(prefix, "gpus-per-task", os.environ.get("SLURM_GPUS_PER_TASK", ""))
         if gpus_per_task.isdigit():
             options.append(f"--gpus-per-task={int(gpus_per_task) * tasks}")
         command = LauncherConfig(prefix=[*prefix, *options], python=self.python, log_dir=self.log_dir)
